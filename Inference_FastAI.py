@@ -1,0 +1,197 @@
+"""Evaluate a trained model on a labelled folder (accuracy, confusion matrix, precision/recall/F1 per class),
+or predict a single image or a folder of unlabelled images.
+
+model_path may be the exported learner (.pkl, unpickled by fastai: only load files you trust) or the
+weights (.pth) with the class list (.json) that R50.py / R50Herlev.py write beside them, which unpickles
+nothing. Reports go to output_dir: metrics.json, predictions.csv and confusion_matrix.png.
+"""
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import TTLR50  # noqa: I001  first: it quiets a deprecation warning that importing fastai prints
+
+import numpy as np
+import pandas as pd
+from fastai.learner import load_learner, load_model
+from fastcore.script import call_parse
+from PIL import Image
+from sklearn.metrics import ConfusionMatrixDisplay, accuracy_score, classification_report, confusion_matrix
+
+# --- edit these -----------------------------------------------------------------------------------
+model_path = Path("data/sipakmed_formatted/models/resnet50_ttl_sipakmed.pkl")  # .pkl export, or .pth + .json
+test_dataset_path = Path("data/sipakmed_formatted/test")  # class folders (labelled), images, or one image
+output_dir = None      # where reports go (default: <model folder>/<model name>_inference)
+batch_size = 64        # images per prediction batch
+tta = False            # also predict with fastai's test-time augmentation and report both scores
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_classifier(model_path, files, batch_size=batch_size):
+    """(learner, class names) from an exported `.pkl`, or from `.pth` weights + their `.json` class list
+    (rebuilt through TTLR50 and loaded with weights_only, so nothing is unpickled)."""
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise TTLR50.UserError(f"model_path {model_path} does not exist — train with R50.py or R50Herlev.py first")
+    if model_path.suffix == ".pth":
+        info_path = model_path.with_suffix(".json")
+        if not info_path.is_file():
+            raise TTLR50.UserError(f"no class list {info_path} beside the weights — use the .pkl export, or "
+                                   "weights saved by R50.py / R50Herlev.py")
+        info = json.loads(info_path.read_text())
+        if TTLR50.checkpoint_classes(model_path) != len(info["classes"]):
+            raise TTLR50.UserError(f"{model_path} and {info_path} disagree on the number of classes")
+        learn = TTLR50.pap_learner(TTLR50.inference_dls(files, info["image_size"], batch_size),
+                                   n_out=len(info["classes"]))
+        load_model(model_path, learn.model, None, with_opt=False, device=learn.dls.device, weights_only=True)
+        return learn, list(info["classes"])
+    try:
+        learn = load_learner(model_path, cpu=TTLR50.default_device().type != "cuda")
+    except Exception as e:  # a broken pickle can raise almost anything
+        raise TTLR50.UserError(f"cannot load {model_path} as a fastai export ({type(e).__name__}: {e})") from None
+    return learn, list(map(str, learn.dls.vocab))
+
+
+def list_inputs(test_dataset_path):
+    "(image files, their folder label or None): class folders are labelled, plain images are not."
+    path = Path(test_dataset_path)
+    if path.is_file():
+        return [path], [None]
+    if not path.is_dir():
+        raise TTLR50.UserError(f"test_dataset_path {path} does not exist")
+    folders = [p for p in sorted(path.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    if folders:
+        files = [f for d in folders for f in sorted(d.iterdir()) if f.is_file() and TTLR50.is_sample_image(f)]
+        labels = [f.parent.name for f in files]
+    else:
+        files = [f for f in sorted(path.iterdir()) if f.is_file() and TTLR50.is_sample_image(f)]
+        labels = [None] * len(files)
+    if not files:
+        raise TTLR50.UserError(f"no images in {path} — set test_dataset_path to a folder of class folders, "
+                               "a folder of images, or one image")
+    return files, labels
+
+
+def unreadable(file):
+    "The reason `file` cannot be decoded as an image, or None when it can."
+    try:
+        with Image.open(file) as image:
+            image.load()
+    except Exception as e:  # PIL raises many kinds for a broken file
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def check_classes(labels, classes, test_dataset_path):
+    "Refuse test folders that are not classes of the model, listing both sets."
+    unknown = sorted(set(labels) - set(classes) - {None})
+    if unknown:
+        raise TTLR50.UserError(f"folders {unknown} in {test_dataset_path} are not classes of the model "
+                               f"{classes} — is this test set from the dataset the model was trained on?")
+
+
+def predict_files(learn, files, batch_size=batch_size, tta=False):
+    "Class probabilities of `files`, batched through fastai (test-time augmentation with `tta`)."
+    dl = learn.dls.test_dl(files, bs=batch_size)
+    probabilities = learn.tta(dl=dl)[0] if tta else learn.get_preds(dl=dl)[0]
+    return probabilities.float().numpy()
+
+
+def label_metrics(truth, predicted, classes):
+    "Accuracy, confusion matrix and sklearn's classification report (by class name) of integer labels."
+    labels = list(range(len(classes)))
+    return dict(accuracy=float(accuracy_score(truth, predicted)),
+                confusion_matrix=confusion_matrix(truth, predicted, labels=labels).tolist(),
+                report=classification_report(truth, predicted, labels=labels, target_names=classes,
+                                             output_dict=True, zero_division=0),
+                report_text=classification_report(truth, predicted, labels=labels, target_names=classes,
+                                                   digits=4, zero_division=0))
+
+
+def plot_confusion(matrix, classes, png, title):
+    "Confusion matrix picture with counts and class names on both axes."
+    fig, ax = TTLR50.plt.subplots(figsize=(1.4 * len(classes) + 3, 1.2 * len(classes) + 2))
+    ConfusionMatrixDisplay(np.array(matrix), display_labels=classes).plot(ax=ax, cmap="Blues", colorbar=False,
+                                                                          xticks_rotation=35)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    TTLR50.plt.close(fig)
+
+
+def predictions_table(files, labels, probabilities, classes):
+    "One row per image: file, true class (if known), predicted class, and the probability of each class."
+    table = pd.DataFrame({"file": [str(f) for f in files]})
+    if any(label is not None for label in labels):
+        table["true_class"] = labels
+    table["predicted_class"] = [classes[i] for i in probabilities.argmax(1)]
+    for i, name in enumerate(classes):
+        table[f"p_{name}"] = probabilities[:, i]
+    return table
+
+
+def evaluate_folder(model_path, test_dataset_path, output_dir=None, batch_size=batch_size, tta=False):
+    """Predict every image of `test_dataset_path` and write the reports. Returns a dict with the
+    predictions table, the metrics (labelled input), the skipped files and the output folder."""
+    files, labels = list_inputs(test_dataset_path)
+    with ThreadPoolExecutor() as pool:
+        problems = list(pool.map(unreadable, files))
+    skipped = [f"{f}: {p}" for f, p in zip(files, problems) if p]
+    kept = [(f, label) for f, label, p in zip(files, labels, problems) if not p]
+    if not kept:
+        raise TTLR50.UserError(f"none of the {len(files)} images in {test_dataset_path} can be read", code=1)
+    files, labels = map(list, zip(*kept))
+    learn, classes = load_classifier(model_path, files, batch_size)
+    check_classes(labels, classes, test_dataset_path)
+    output_dir = Path(output_dir or Path(model_path).with_name(f"{Path(model_path).stem}_inference"))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    runs = {"plain": predict_files(learn, files, batch_size)}
+    if tta:
+        runs["tta"] = predict_files(learn, files, batch_size, tta=True)
+    table = predictions_table(files, labels, runs["plain"], classes)
+    table.to_csv(output_dir / "predictions.csv", index=False)
+    result = dict(table=table, skipped=skipped, output_dir=output_dir, metrics={})
+    if labels[0] is not None:
+        truth = [classes.index(label) for label in labels]
+        for name, probabilities in runs.items():
+            result["metrics"][name] = label_metrics(truth, probabilities.argmax(1), classes)
+        plot_confusion(result["metrics"]["plain"]["confusion_matrix"], classes, output_dir / "confusion_matrix.png",
+                       f"{Path(model_path).name} on {Path(test_dataset_path).name}: "
+                       f"accuracy {result['metrics']['plain']['accuracy']:.4f}")
+    summary = dict(model_path=str(model_path), test_dataset_path=str(test_dataset_path), classes=classes,
+                   n_images=len(files), skipped=skipped,
+                   **{name: {k: v for k, v in m.items() if k != "report_text"} for name, m in result["metrics"].items()})
+    (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    return result
+
+
+def print_report(result, classes):
+    "What a reader wants on screen: accuracy, the confusion matrix with class names, the report."
+    for name, metrics in result["metrics"].items():
+        label = "test-time augmentation" if name == "tta" else "predictions"
+        print(f"\n== {label}: accuracy {metrics['accuracy']:.4f}")
+        matrix = pd.DataFrame(metrics["confusion_matrix"], index=[f"true {c}" for c in classes], columns=classes)
+        print(matrix.to_string())
+        print(metrics["report_text"])
+
+
+@call_parse
+def main(model_path: Path = model_path,                # .pkl export, or .pth weights with their .json
+         test_dataset_path: Path = test_dataset_path,  # class folders (labelled), a folder of images, or one image
+         output_dir: Path = output_dir,                # reports folder (default: <model folder>/<model name>_inference)
+         batch_size: int = batch_size,                 # images per prediction batch
+         tta: bool = tta):                             # also report scores with test-time augmentation
+    "Evaluate a trained Pap-smear classifier, or predict unlabelled images."
+    with TTLR50.user_errors():
+        result = evaluate_folder(model_path, test_dataset_path, output_dir, batch_size, tta)
+        table = result["table"]
+        classes = [c.removeprefix("p_") for c in table.columns if c.startswith("p_")]
+        if result["metrics"]:
+            print_report(result, classes)
+        else:
+            print(table.to_string(index=False, float_format="%.4f"))
+        for problem in result["skipped"]:
+            print(f"skipped unreadable image {problem}")
+        print(f"\n{len(table)} images predicted, {len(result['skipped'])} skipped; reports in {result['output_dir']}")
+        if result["skipped"]:
+            raise SystemExit(1)

@@ -1,0 +1,76 @@
+"""Train a ResNet50 on a formatted dataset (train/val/test/models), e.g. the Extended DA SIPaKMeD.
+
+Keeps the epoch with the best validation accuracy; writes path_folder/models/<save_loc>.pth (+ .json class
+list), the exported learner <save_loc>.pkl, the CSV log and the training curves.
+"""
+from pathlib import Path
+
+from fastcore.script import call_parse
+
+import TTLR50
+
+# --- edit these -----------------------------------------------------------------------------------
+path_folder = Path("data/sipakmed_formatted")  # formatted dataset: train/ val/ test/ models/
+save_loc = "resnet50"           # weights name: path_folder/models/<save_loc>.pth
+model_path = None               # a .pth to start from (resume / fine-tune); same classes as the data
+export_path = None              # exported learner; default path_folder/models/<save_loc>.pkl
+epochs = 50                     # one-cycle epochs
+batch_size = 10
+lr = 0.001                      # maximum learning rate of the one-cycle schedule
+image_size = 224                # images are resized (and cropped) to image_size x image_size
+pretrained = True               # start from ImageNet weights (downloaded once into torch's hub cache)
+pretrained_weights = None       # or: a local torchvision ResNet50 state-dict file to start from
+seed = 42
+lr_find = False                 # also run fastai's lr_find: saves its plot and prints the suggestion
+workers = None                  # data loader processes (default: all available cores)
+cache_size = None               # decode + resize every image once to this shorter side, e.g. 258 for 224
+# ---------------------------------------------------------------------------------------------------
+
+
+def find_lr(learn, png):
+    "Run fastai's learning-rate finder, save its plot, and return the suggested rate (lr is left as set)."
+    suggestion = learn.lr_find(show_plot=True)
+    TTLR50.plt.gcf().savefig(png, dpi=100)
+    TTLR50.plt.close("all")
+    return suggestion.valley
+
+
+def train_r50(path_folder, save_loc=save_loc, model_path=None, export_path=None, epochs=epochs,
+              batch_size=batch_size, lr=lr, image_size=image_size, pretrained=True, pretrained_weights=None,
+              seed=42, lr_find=False, workers=None, cache_size=None):
+    "Build, optionally resume, train, save and export; returns `TTLR50.train_and_save`'s summary."
+    dls = TTLR50.pap_dls(path_folder, image_size, batch_size, seed, workers, cache_size)
+    starts_from_file = model_path is not None
+    learn = TTLR50.pap_learner(dls, pretrained and not starts_from_file, pretrained_weights, path=path_folder)
+    if starts_from_file:
+        TTLR50.load_weights(learn, model_path)
+    if lr_find:
+        png = Path(path_folder) / "models" / f"{save_loc}_lr_find.png"
+        print(f"lr_find suggests lr = {find_lr(learn, png):.2e} (plot: {png}); training with lr = {lr:g}")
+    return TTLR50.train_and_save(learn, epochs, lr, save_loc, export_path, image_size)
+
+
+@call_parse
+def main(path_folder: Path = path_folder,        # formatted dataset: train/ val/ test/ models/
+         save_loc: str = save_loc,                # weights name: path_folder/models/<save_loc>.pth
+         model_path: Path = model_path,           # a .pth to start from (resume / fine-tune)
+         export_path: Path = export_path,         # exported learner (default: path_folder/models/<save_loc>.pkl)
+         epochs: int = epochs,                    # one-cycle epochs
+         batch_size: int = batch_size,            # images per batch
+         lr: float = lr,                          # maximum learning rate of the one-cycle schedule
+         image_size: int = image_size,            # training image side in pixels
+         pretrained: bool = pretrained,           # start from ImageNet weights (needs them downloaded once)
+         pretrained_weights: Path = pretrained_weights,  # a local torchvision ResNet50 state-dict file instead
+         seed: int = seed,                        # random seed (data order, augmentation, head initialisation)
+         lr_find: bool = lr_find,                 # run fastai's lr_find first: plot + suggestion, lr unchanged
+         workers: int = workers,                  # data loader processes (default: all available cores)
+         cache_size: int = cache_size):           # train from a cache resized once to this shorter side
+    "Train a ResNet50 on a formatted Pap-smear dataset; save the best weights and export the learner."
+    with TTLR50.user_errors():
+        result = train_r50(path_folder, save_loc, model_path, export_path, epochs, batch_size, lr, image_size,
+                           pretrained, pretrained_weights, seed, lr_find, workers, cache_size)
+        print(result["scores"].round(4).to_string())
+        for key in ("weights", "classes", "export", "log", "curves"):
+            print(f"{key:>8}: {result[key]}")
+        print(f"Next: evaluate with Inference_FastAI.py --model-path {result['export']} "
+              f"--test-dataset-path {Path(path_folder) / 'test'}")

@@ -1,0 +1,88 @@
+"""Triple Transfer Learning: weights trained on Extended DA → 7-class head, trained on Herlev → 5-class head,
+trained on SIPaKMeD; the final weights and export go to sipakmed_path/models/<save_loc>.pth / .pkl.
+
+Every stage starts from weights on disk (never from the network), so this script works offline as it is.
+"""
+from pathlib import Path
+
+from fastcore.script import call_parse
+
+import TTLR50
+
+# --- edit these -----------------------------------------------------------------------------------
+previous_model_DA = Path("data/sipakmed_extended/models/resnet50.pth")  # R50.py's weights on Extended DA
+herlev_path = Path("data/herlev_formatted")        # formatted Herlev: train/ val/ test/ models/
+sipakmed_path = Path("data/sipakmed_formatted")    # formatted SIPaKMeD: train/ val/ test/ models/
+current_classes_of_dataset = 7                     # Herlev classes
+output_classes_of_next_dataset = 5                 # SIPaKMeD classes
+herlev_epochs = 10                                 # Herlev stage
+herlev_batch_size = 5
+herlev_save_loc = "resnet50_ttl_herlev"            # Herlev stage weights: herlev_path/models/<this>.pth
+epochs = TTLR50.epochs                             # SIPaKMeD stage (defaults set in TTLR50.py)
+batch_size = TTLR50.batch_size
+lr = TTLR50.lr                                     # both stages
+image_size = TTLR50.image_size
+save_loc = TTLR50.save_loc                         # final model name, under sipakmed_path/models/
+start_stage = 1                                    # 2: skip Herlev, start from its saved weights
+seed = 42
+workers = None                                     # data loader processes (default: all available cores)
+cache_size = None                                  # train from images resized once to this shorter side
+# ---------------------------------------------------------------------------------------------------
+
+
+def triple_transfer(previous_model_DA, herlev_path, sipakmed_path, current_classes_of_dataset=7,
+                    output_classes_of_next_dataset=5, herlev_epochs=10, herlev_batch_size=5,
+                    herlev_save_loc=herlev_save_loc, epochs=epochs, batch_size=batch_size, lr=lr,
+                    image_size=image_size, save_loc=save_loc, start_stage=1, seed=42, workers=None,
+                    cache_size=None):
+    "Run the Herlev stage (unless start_stage is 2) and the SIPaKMeD stage; returns each stage's summary."
+    if start_stage not in (1, 2):
+        raise TTLR50.UserError(f"start_stage is {start_stage}; it must be 1 (Herlev, then SIPaKMeD) or 2")
+    TTLR50.check_formatted(herlev_path, current_classes_of_dataset)
+    TTLR50.check_formatted(sipakmed_path, output_classes_of_next_dataset)
+    herlev_weights = Path(herlev_path) / "models" / f"{herlev_save_loc}.pth"
+    results = {}
+    if start_stage == 1:
+        if not Path(previous_model_DA).is_file():
+            raise TTLR50.UserError(f"previous_model_DA {previous_model_DA} does not exist — train R50.py on the "
+                                   "Extended DA dataset first and point previous_model_DA to its .pth")
+        results["herlev"] = TTLR50.ttl_stage(herlev_path, previous_model_DA, herlev_save_loc, herlev_epochs,
+                                             herlev_batch_size, lr, image_size, seed, workers, cache_size)
+    elif not herlev_weights.is_file():
+        raise TTLR50.UserError(f"start_stage 2 needs the Herlev stage's weights {herlev_weights} — run stage 1 first")
+    results["sipakmed"] = TTLR50.ttl_stage(sipakmed_path, herlev_weights, save_loc, epochs, batch_size, lr,
+                                           image_size, seed, workers, cache_size)
+    return results
+
+
+@call_parse
+def main(previous_model_DA: Path = previous_model_DA,          # R50.py's .pth trained on Extended DA
+         herlev_path: Path = herlev_path,                      # formatted Herlev dataset
+         sipakmed_path: Path = sipakmed_path,                  # formatted SIPaKMeD dataset
+         current_classes_of_dataset: int = current_classes_of_dataset,          # Herlev classes
+         output_classes_of_next_dataset: int = output_classes_of_next_dataset,  # SIPaKMeD classes
+         herlev_epochs: int = herlev_epochs,                   # Herlev stage epochs
+         herlev_batch_size: int = herlev_batch_size,           # Herlev stage batch size
+         herlev_save_loc: str = herlev_save_loc,               # Herlev stage weights name
+         epochs: int = epochs,                                 # SIPaKMeD stage epochs
+         batch_size: int = batch_size,                         # SIPaKMeD stage batch size
+         lr: float = lr,                                       # maximum one-cycle learning rate of both stages
+         image_size: int = image_size,                         # training image side in pixels
+         save_loc: str = save_loc,                             # final weights name under sipakmed_path/models
+         start_stage: int = start_stage,                       # 2: skip Herlev and start from its saved weights
+         seed: int = seed,                                     # random seed
+         workers: int = workers,                               # data loader processes (default: all cores)
+         cache_size: int = cache_size):                        # train from a cache resized once to this side
+    "Triple Transfer Learning: Extended DA weights → Herlev (7 classes) → SIPaKMeD (5 classes)."
+    with TTLR50.user_errors():
+        results = triple_transfer(previous_model_DA, herlev_path, sipakmed_path, current_classes_of_dataset,
+                                  output_classes_of_next_dataset, herlev_epochs, herlev_batch_size,
+                                  herlev_save_loc, epochs, batch_size, lr, image_size, save_loc, start_stage,
+                                  seed, workers, cache_size)
+        for stage, result in results.items():
+            print(f"{stage} stage: validation accuracy {result['scores'].loc['validation', 'accuracy']:.4f}, "
+                  f"weights {result['weights']}")
+        final = results["sipakmed"]
+        print(f"Final model: {final['weights']} and {final['export']}")
+        print(f"Next: Inference_FastAI.py --model-path {final['export']} "
+              f"--test-dataset-path {Path(sipakmed_path) / 'test'}")

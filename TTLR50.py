@@ -1,0 +1,347 @@
+"""Shared helpers of the ResNet50 scripts: user errors, data loaders, learner building, head swap,
+weight loading across heads, and one Triple Transfer Learning stage.
+
+R50.py, R50Herlev.py and Inference_FastAI.py build their data and models only through this module.
+The final TTL stage's defaults (its `save_loc` among them) are set here, once.
+"""
+import fcntl
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.error import URLError
+
+import warnings
+
+import matplotlib
+matplotlib.use("Agg")  # scripts run on headless machines; every figure goes to a PNG file
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+# fastai 2.8 still calls torch.jit.script at import, which this torch announces as deprecated on every run.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+from fastai.callback.all import CSVLogger, SaveModelCallback
+from fastai.learner import load_model
+from fastai.losses import CrossEntropyLossFlat
+from fastai.metrics import accuracy, skm_to_fastai
+from fastai.torch_core import default_device, set_seed
+from fastai.vision.all import (Datasets, ImageDataLoaders, IntToFloatTensor, Normalize, PILImage, Resize, ToTensor,
+                               aug_transforms, create_body, imagenet_stats, model_meta, vision_learner)
+from PIL import Image
+from sklearn.metrics import f1_score, fbeta_score
+from torch import nn
+from torchvision.models import ResNet50_Weights, resnet50
+from tqdm import tqdm
+
+# --- the final TTL stage's defaults (R50Herlev.py overrides them from its top or the command line) ------
+save_loc = "resnet50_ttl_sipakmed"   # final model: sipakmed_path/models/<save_loc>.pth and .pkl
+epochs = 50
+batch_size = 10
+lr = 1e-3
+image_size = 224
+# ---------------------------------------------------------------------------------------------------
+
+
+class UserError(Exception):
+    "A problem with the user's input or files: shown as one line, never a traceback."
+    def __init__(self, message, code=2):
+        super().__init__(message)
+        self.code = code
+
+
+@contextmanager
+def user_errors():
+    "Print a `UserError` as one line on stderr and exit with its code (2 = bad input)."
+    try:
+        yield
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(e.code) from None
+
+
+IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff")
+
+
+def is_sample_image(path):
+    "True for an image file that is a sample: not a Herlev segmentation mask (`*-d.bmp`), not hidden."
+    name = path.name.lower()
+    return (path.suffix.lower() in IMAGE_EXTENSIONS and not path.stem.lower().endswith("-d")
+            and not name.startswith("."))
+
+
+def available_cpus():
+    "CPU cores this process may use."
+    return len(os.sched_getaffinity(0))
+
+
+def speed_settings(device_type, bf16_supported=False, workers=None):
+    """How to run on a device type: mixed precision (bf16 where supported, else fp16), channels-last and
+    pinned, persistent loader workers on CUDA only; plain float32 on CPU, where they do not help."""
+    cuda = device_type == "cuda"
+    workers = available_cpus() if workers is None else workers
+    return dict(amp=("bf16" if bf16_supported else "fp16") if cuda else None, channels_last=cuda,
+                workers=workers, pin_memory=cuda, persistent_workers=cuda and workers > 0)
+
+
+def current_speed_settings(workers=None):
+    "`speed_settings` for the device fastai trains on here."
+    device = default_device()
+    return speed_settings(device.type, device.type == "cuda" and torch.cuda.is_bf16_supported(), workers)
+
+
+def class_names(folder):
+    "Sorted class folder names in `folder` (as fastai's vocab orders them)."
+    return sorted(p.name for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def check_formatted(path_folder, n_classes=None):
+    "Refuse a dataset folder without train/ and val/ class folders, or with another number of classes."
+    path_folder = Path(path_folder)
+    for split in ("train", "val"):
+        if not (path_folder / split).is_dir() or not class_names(path_folder / split):
+            raise UserError(f"{path_folder} has no {split}/<class> folders — set it to a folder made by "
+                            "implementation_DatasetDivision.py")
+    found = class_names(path_folder / "train")
+    if n_classes is not None and len(found) != n_classes:
+        raise UserError(f"{path_folder} has {len(found)} classes ({', '.join(found)}) but {n_classes} were expected")
+    return found
+
+
+def resize_short_side(image, size):
+    "Resize a PIL image so that its shorter side is `size`, keeping the aspect ratio."
+    scale = size / min(image.size)
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                        Image.Resampling.BILINEAR)
+
+
+def build_cache(path_folder, cache_size, splits=("train", "val"), progress=True):
+    """Decode and resize every image of `splits` once (shorter side `cache_size`) into
+    path_folder/cache/<cache_size>px, and return that folder.
+
+    An image is redone when its source changes (size or modification time); cache files whose source is
+    gone are removed. The source dataset is only read. Two runs at once take turns on a lock file.
+    """
+    path_folder = Path(path_folder)
+    root = path_folder / "cache" / f"{cache_size}px"
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        manifest_path = root / "manifest.json"
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+        sources = {p.relative_to(path_folder).as_posix(): p for split in splits
+                   for p in sorted((path_folder / split).rglob("*")) if p.is_file() and is_sample_image(p)}
+        for rel in set(manifest) - set(sources):
+            (root / f"{rel}.png").unlink(missing_ok=True)
+            del manifest[rel]
+        stamps = {rel: [p.stat().st_size, p.stat().st_mtime_ns] for rel, p in sources.items()}
+        todo = [rel for rel in sources if manifest.get(rel) != stamps[rel] or not (root / f"{rel}.png").exists()]
+        for rel in tqdm(todo, desc=f"cache {cache_size}px", unit="img", disable=not progress or not todo):
+            target = root / f"{rel}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with Image.open(sources[rel]) as image:
+                small = resize_short_side(image.convert("RGB"), cache_size)
+            tmp = target.with_name(f".{target.name}.partial")
+            small.save(tmp, format="PNG", compress_level=1)
+            os.replace(tmp, target)
+            manifest[rel] = stamps[rel]
+        tmp = root / ".manifest.json.partial"
+        tmp.write_text(json.dumps(manifest, indent=0, sort_keys=True))
+        os.replace(tmp, manifest_path)
+    return root
+
+
+def pap_transforms(image_size):
+    "Item and batch transforms shared by training and prediction: resize, augment (training only), normalise."
+    return [Resize(image_size)], [*aug_transforms(), Normalize.from_stats(*imagenet_stats)]
+
+
+def pap_dls(path_folder, image_size=image_size, batch_size=batch_size, seed=42, workers=None, cache_size=None):
+    """DataLoaders over path_folder/train and path_folder/val (class sub-folders), built the same way for
+    every script; with `cache_size`, training reads the decoded-image cache instead of the sources."""
+    check_formatted(path_folder)
+    settings = current_speed_settings(workers)
+    source = build_cache(path_folder, cache_size) if cache_size else Path(path_folder)
+    item_tfms, batch_tfms = pap_transforms(image_size)
+    set_seed(seed, reproducible=True)
+    return ImageDataLoaders.from_folder(source, train="train", valid="val", item_tfms=item_tfms,
+                                        batch_tfms=batch_tfms, bs=batch_size, num_workers=settings["workers"],
+                                        pin_memory=settings["pin_memory"],
+                                        persistent_workers=settings["persistent_workers"])
+
+
+def inference_dls(files, image_size=image_size, batch_size=64):
+    "DataLoaders that only read and transform `files` (no labels), as `pap_dls` does for validation."
+    item_tfms, batch_tfms = pap_transforms(image_size)
+    datasets = Datasets(files, [[PILImage.create]], splits=[[0], list(range(len(files)))])
+    return datasets.dataloaders(bs=batch_size, num_workers=0, after_item=[*item_tfms, ToTensor()],
+                                after_batch=[IntToFloatTensor(), *batch_tfms])
+
+
+def pap_metrics():
+    """Accuracy, weighted F-beta with beta=2 (what the original's fastai-v1 `FBeta(average='weighted')`
+    computed) and weighted F1."""
+    return [accuracy, skm_to_fastai(fbeta_score, beta=2, average="weighted", name="f2_weighted"),
+            skm_to_fastai(f1_score, average="weighted", name="f1_weighted")]
+
+
+def imagenet_weights():
+    "The torchvision ImageNet weights fastai asks for with resnet50, and the file they live in once downloaded."
+    weights = ResNet50_Weights.verify(model_meta[resnet50]["weights"])
+    return weights, Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+
+
+def ensure_imagenet_weights():
+    "Download the ImageNet weights now (before any training), or say clearly how to do without the network."
+    weights, file = imagenet_weights()
+    if file.exists():
+        return file
+    try:
+        weights.get_state_dict(progress=True)
+    except (URLError, OSError, RuntimeError) as e:
+        raise UserError(f"cannot download the ImageNet ResNet50 weights ({e}). Either put {file.name} into "
+                        f"{file.parent}, or set pretrained_weights to a local torchvision ResNet50 state-dict "
+                        "file, or set pretrained = False (--no-pretrained) to start from random weights") from None
+    return file
+
+
+def load_body_weights(learn, pretrained_weights):
+    "Load a torchvision ResNet50 state-dict file strictly into the learner's body."
+    try:
+        reference = resnet50()
+        reference.load_state_dict(torch.load(pretrained_weights, map_location="cpu", weights_only=True))
+    except (OSError, RuntimeError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"pretrained_weights {pretrained_weights} is not a torchvision ResNet50 state dict "
+                        f"({str(e).splitlines()[0]})") from None
+    body = create_body(reference, pretrained=True, cut=model_meta[resnet50]["cut"])
+    learn.model[0].load_state_dict(body.state_dict())
+
+
+def pap_learner(dls, pretrained=False, pretrained_weights=None, n_out=None, path=None):
+    """A fastai ResNet50 learner for `dls` with the project's metrics, on the best device.
+
+    `pretrained` downloads (or reuses) the ImageNet weights; `pretrained_weights` loads a local file
+    instead. On CUDA the learner trains in mixed precision and channels-last.
+    """
+    if pretrained and not pretrained_weights:
+        ensure_imagenet_weights()
+    learn = vision_learner(dls, resnet50, pretrained=pretrained and not pretrained_weights, n_out=n_out,
+                           loss_func=CrossEntropyLossFlat(), metrics=pap_metrics(), path=path)
+    if pretrained_weights:
+        load_body_weights(learn, pretrained_weights)
+    settings = current_speed_settings()
+    if settings["amp"]:
+        learn.to_channelslast(amp_mode=settings["amp"])
+    return learn
+
+
+def head_linear(model):
+    "(index, layer) of the last Linear layer of a fastai model's head."
+    head = model[1]
+    index = max(i for i, layer in enumerate(head) if isinstance(layer, nn.Linear))
+    return index, head[index]
+
+
+def swap_head(learn, n_out):
+    """Replace the last Linear of the head by a new one with `n_out` outputs (same inputs, bias setting
+    and device), and drop the optimiser so that the next fit creates one that trains the new layer."""
+    index, old = head_linear(learn.model)
+    new = nn.Linear(old.in_features, n_out, bias=old.bias is not None).to(old.weight.device)
+    nn.init.kaiming_normal_(new.weight)  # as fastai initialises its heads
+    learn.model[1][index] = new
+    learn.opt = None  # fastai's fit only makes a new optimiser when there is none
+    return learn
+
+
+def checkpoint_classes(path):
+    "Number of outputs of the head in a saved `.pth` (fastai `learn.save` format, with or without optimiser)."
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as e:
+        raise UserError(f"cannot read weights {path} ({str(e).splitlines()[0]})") from None
+    state = state.get("model", state)
+    heads = [k for k, v in state.items() if k.startswith("1.") and k.endswith(".weight") and v.ndim == 2]
+    if not heads:
+        raise UserError(f"{path} holds no fastai ResNet50 head — was it saved by R50.py or R50Herlev.py?")
+    return state[max(heads, key=lambda k: int(k.split(".")[1]))].shape[0]
+
+
+def load_weights(learn, path):
+    "Load a `.pth` whose head has as many classes as the learner; otherwise a clear error."
+    n_saved, n_data = checkpoint_classes(path), learn.dls.c
+    if n_saved != n_data:
+        raise UserError(f"{path} has a {n_saved}-class head but the data has {n_data} classes — to start from "
+                        "weights trained on other classes use TTLR50.load_weights_across_heads (as R50Herlev.py does)")
+    load_model(path, learn.model, None, with_opt=False, device=learn.dls.device)
+    return learn
+
+
+def load_weights_across_heads(learn, path, n_out=None):
+    """Load a `.pth` saved with any number of classes: set the head to the checkpoint's size, load strictly,
+    then swap the head to `n_out` outputs (default: the learner's data classes)."""
+    n_saved, n_out = checkpoint_classes(path), n_out or learn.dls.c
+    if n_saved != head_linear(learn.model)[1].out_features:
+        swap_head(learn, n_saved)
+    load_model(path, learn.model, None, with_opt=False, device=learn.dls.device)
+    if n_saved != n_out:
+        swap_head(learn, n_out)
+    return learn
+
+
+def save_weights(learn, name, image_size):
+    """Save the weights to path/models/<name>.pth (no optimiser: loadable with weights_only) and, beside
+    them, <name>.json with the class names in output order, so they can be used without the export."""
+    file = learn.save(name, with_opt=False)
+    info = dict(classes=list(map(str, learn.dls.vocab)), image_size=image_size, arch="resnet50")
+    file.with_suffix(".json").write_text(json.dumps(info, indent=2))
+    return file
+
+
+def plot_training(log_csv, png):
+    "Training curves from fastai's CSV log: losses, and the metrics, per epoch."
+    log = pd.read_csv(log_csv)
+    fig, (losses, metrics) = plt.subplots(1, 2, figsize=(11, 4))
+    log.plot(x="epoch", y=["train_loss", "valid_loss"], ax=losses, marker="o", title="loss")
+    log.plot(x="epoch", y=["accuracy", "f2_weighted", "f1_weighted"], ax=metrics, marker="o",
+             title="validation metrics", ylim=(0, 1.02))
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+def evaluate(learn):
+    "Loss and metrics on the validation set and on the training set (not shuffled, no sample dropped)."
+    names = ["loss", *[m.name for m in learn.metrics]]
+    rows = {"validation": learn.validate(dl=learn.dls.valid),
+            "training": learn.validate(dl=learn.dls.train.new(shuffle=False, drop_last=False))}
+    return pd.DataFrame({k: dict(zip(names, map(float, v))) for k, v in rows.items()}).T
+
+
+def train_and_save(learn, epochs, lr, save_loc, export_path=None, image_size=image_size):
+    """Train the whole network with one-cycle, keep the epoch with the best validation accuracy, save its
+    weights (.pth + class list .json), export the learner (.pkl), and write the CSV log and curves.
+
+    Returns a dict of the files written and the final validation/training scores."""
+    models = Path(learn.path) / learn.model_dir
+    models.mkdir(parents=True, exist_ok=True)
+    log = models / f"{save_loc}_log.csv"
+    learn.unfreeze()
+    learn.fit_one_cycle(epochs, lr, cbs=[SaveModelCallback(monitor="accuracy", fname=save_loc),
+                                          CSVLogger(fname=log)])
+    weights = save_weights(learn, save_loc, image_size)
+    export_path = Path(export_path or models / f"{save_loc}.pkl").absolute()
+    learn.export(export_path)
+    curves = plot_training(log, models / f"{save_loc}_curves.png")
+    return dict(weights=weights, classes=weights.with_suffix(".json"), export=export_path, log=log,
+                curves=curves, scores=evaluate(learn))
+
+
+def ttl_stage(data_path, start_weights, save_loc=save_loc, epochs=epochs, batch_size=batch_size, lr=lr,
+              image_size=image_size, seed=42, workers=None, cache_size=None):
+    """One Triple Transfer Learning stage: start from `start_weights` (saved with any number of classes),
+    make the head fit the classes of `data_path`, train, then save and export under `save_loc`."""
+    dls = pap_dls(data_path, image_size, batch_size, seed, workers, cache_size)
+    learn = pap_learner(dls, pretrained=False, path=data_path)
+    load_weights_across_heads(learn, start_weights)
+    return train_and_save(learn, epochs, lr, save_loc, image_size=image_size)

@@ -1,0 +1,214 @@
+"""Extended DA: write 14 imgaug augmentations beside every image (<stem>_aug01.<ext> … _aug14.<ext>).
+
+Each output depends only on (seed, the image's relative path, the group), so reruns and any number of
+workers give the same files; a rerun only writes what is missing.
+"""
+import hashlib
+import os
+import re
+import shutil
+import time
+import warnings
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+from fastcore.script import call_parse
+from PIL import Image
+from tqdm import tqdm
+
+from TTLR50 import UserError, is_sample_image, user_errors
+
+# imgaug 0.4.0 reads np.sctypes at import time, and NumPy 2 removed it. Every import of imgaug in this
+# project goes through this module, so this is the one place that puts the table back (nothing else of
+# NumPy is touched: imgaug's np.bool is NumPy 2's own bool type).
+if not hasattr(np, "sctypes"):
+    np.sctypes = {"int": [np.int8, np.int16, np.int32, np.int64],
+                  "uint": [np.uint8, np.uint16, np.uint32, np.uint64],
+                  "float": [np.float16, np.float32, np.float64, np.longdouble],
+                  "complex": [np.complex64, np.complex128, np.clongdouble],
+                  "others": [bool, object, bytes, str, np.void]}
+import imgaug.augmenters as iaa  # noqa: E402
+
+# --- edit these -----------------------------------------------------------------------------------
+target_directory = Path("data/sipakmed_formatted")  # class folders, or a formatted root (train/val/test)
+output_directory = None      # None: write beside the originals; a path: copy the dataset there, augment the copy
+n_augmentations = 14         # how many of the 14 groups to apply, in order
+seed = 42                    # same seed, same augmented images
+workers = os.cpu_count()     # processes that augment in parallel
+splits = ["train"]           # formatted root: the splits to augment (val/test would leak into evaluation)
+# ---------------------------------------------------------------------------------------------------
+
+AUGMENTED = re.compile(r"_aug\d{2}$")
+
+
+def augmentation_groups():
+    "The 14 augmentation groups of the original, in its order; each makes one image from one image."
+    colour = iaa.SomeOf(2, [iaa.CLAHE(tile_grid_size_px=((3, 21), [0, 2, 3, 4, 5, 6, 7])),
+                            iaa.CLAHE(clip_limit=(1, 10)),
+                            iaa.CLAHE(tile_grid_size_px=(3, 21)),
+                            iaa.GammaContrast((0.5, 2.0)),
+                            iaa.AllChannelsCLAHE(),
+                            iaa.AllChannelsCLAHE(clip_limit=(1, 10), per_channel=True)], random_order=True)
+    stain = iaa.OneOf([iaa.ChannelShuffle(),
+                       iaa.Grayscale(),
+                       iaa.MultiplyHueAndSaturation((0.5, 1.5), per_channel=True),
+                       iaa.AddToHueAndSaturation((-50, 50), per_channel=True),
+                       iaa.KMeansColorQuantization(n_colors=(4, 16))])
+    return [
+        iaa.SomeOf(2, [iaa.Affine(rotate=(-90, 90)),
+                       iaa.Affine(scale={"x": (0.5, 0.9), "y": (0.5, 0.9)}),
+                       iaa.Affine(translate_percent={"x": (-0.15, 0.15), "y": (-0.15, 0.15)}),
+                       iaa.Affine(shear=(-2, 2)),
+                       iaa.Fliplr(),
+                       iaa.Flipud()], random_order=True),
+        colour,
+        colour.deepcopy(),
+        iaa.OneOf([iaa.EdgeDetect(alpha=(0, 0.7)), iaa.DirectedEdgeDetect(alpha=(0, 0.7), direction=(0, 1))]),
+        iaa.Sharpen(alpha=(0, 1), lightness=(0.75, 1.5)),
+        iaa.OneOf([iaa.Canny(), iaa.Canny(alpha=(0.5, 1), sobel_kernel_size=[3, 7])]),
+        # Images are RGB here, so channel 0 is red (the original read BGR, and its "red" was blue).
+        iaa.WithChannels(0, iaa.Add((10, 100))),
+        iaa.WithChannels(1, iaa.Add((10, 100))),
+        iaa.WithChannels(2, iaa.Add((10, 100))),
+        iaa.OneOf([iaa.GaussianBlur(sigma=(0, 1.22)),
+                   iaa.AdditiveGaussianNoise(scale=0.111 * 255, per_channel=True),
+                   iaa.AdditiveLaplaceNoise(scale=(0, 0.111 * 255))]),
+        stain,
+        stain.deepcopy(),
+        iaa.OneOf([iaa.HistogramEqualization(), iaa.Flipud(), iaa.Fliplr()]),
+        iaa.OneOf([iaa.LinearContrast((0.75, 1.5)),
+                   iaa.Multiply((0.35, 1.65)),
+                   iaa.Multiply((0.5, 1.5), per_channel=0.75)]),
+    ]
+
+
+def group_seed(seed, relative_path, group_index):
+    "The seed of one (image, group): stable across runs, machines and worker counts."
+    digest = hashlib.sha256(f"{seed}/{relative_path}/{group_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def augment_image(image, groups, seed, relative_path):
+    "Yield (group number from 1, augmented image) for an RGB uint8 array, one output per group."
+    for index, group in enumerate(groups, start=1):
+        group.seed_(group_seed(seed, relative_path, index))
+        yield index, group(image=image)
+
+
+def output_path(source, index):
+    return source.with_name(f"{source.stem}_aug{index:02d}{source.suffix}")
+
+
+def save_atomically(array, path):
+    "Write through a temporary name, so an interrupted run never leaves a half-written image."
+    tmp = path.with_name(f".{path.name}.partial")
+    Image.fromarray(array).save(tmp, format=Image.registered_extensions()[path.suffix.lower()])
+    os.replace(tmp, path)
+
+
+def load_rgb(path):
+    "Read an image as a 3-channel uint8 RGB array (grayscale and RGBA are converted)."
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def list_images(target_directory, splits):
+    "The source images to augment: never augmentation outputs, masks or non-images."
+    target = Path(target_directory)
+    roots = [target / s for s in splits] if any((target / s).is_dir() for s in ("train", "val", "test")) else [target]
+    return sorted(p for root in roots if root.is_dir() for p in root.rglob("*")
+                  if p.is_file() and is_sample_image(p) and not AUGMENTED.search(p.stem))
+
+
+_groups = None
+
+
+def _init_worker():
+    global _groups
+    _groups = augmentation_groups()
+
+
+def augment_file(job):
+    "Worker: write the missing outputs of one image. Returns (outputs written, error message or None)."
+    path, relative_path, n_augmentations, seed = job
+    try:
+        image = load_rgb(path)
+    except Exception as e:  # PIL raises many kinds for a broken file; the run goes on without it
+        return 0, f"{relative_path}: {e}"
+    written = 0
+    for index, augmented in augment_image(image, _groups[:n_augmentations], seed, relative_path):
+        target = output_path(path, index)
+        if not target.exists():
+            save_atomically(augmented, target)
+            written += 1
+    return written, None
+
+
+def copy_dataset(source, destination):
+    "Copy the files of `source` missing in `destination` (the source is only read)."
+    source, destination = Path(source).absolute(), Path(destination).absolute()
+    if destination == source or source in destination.parents:
+        raise UserError(f"output_directory {destination} is inside target_directory — choose a folder outside it")
+    for path in tqdm(sorted(p for p in source.rglob("*") if p.is_file()), desc="copy", unit="file"):
+        target = destination / path.relative_to(source)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+    return destination
+
+
+def extend_dataset(target_directory, n_augmentations=14, seed=42, workers=None, splits=("train",),
+                   progress=True):
+    """Augment every source image under `target_directory` with the first `n_augmentations` groups.
+
+    Returns a summary dict: found, augmented (images with new outputs), written, skipped (unreadable
+    images, listed in `errors`) and seconds.
+    """
+    if not 1 <= n_augmentations <= 14:
+        raise UserError(f"n_augmentations is {n_augmentations}; it must be between 1 and 14")
+    target = Path(target_directory)
+    if not target.is_dir():
+        raise UserError(f"target_directory {target} is not a folder — set it to a formatted dataset or class folders")
+    images = list_images(target, splits)
+    if not images:
+        raise UserError(f"no images found under {target} (splits {list(splits)}) — is target_directory right?")
+    done = [p for p in images if all(output_path(p, i).exists() for i in range(1, n_augmentations + 1))]
+    todo = sorted(set(images) - set(done))
+    jobs = [(p, p.relative_to(target).as_posix(), n_augmentations, seed) for p in todo]
+    start, written, augmented, errors = time.perf_counter(), 0, 0, []
+    with Pool(max(1, min(workers or os.cpu_count(), len(jobs) or 1)), initializer=_init_worker) as pool:
+        results = pool.imap_unordered(augment_file, jobs, chunksize=1)
+        for count, error in tqdm(results, total=len(jobs), desc="augment", unit="img", disable=not progress):
+            written += count
+            augmented += count > 0
+            if error:
+                errors.append(error)
+    return dict(found=len(images), already_done=len(done), augmented=augmented, written=written,
+                skipped=len(errors), errors=errors, seconds=round(time.perf_counter() - start, 2))
+
+
+@call_parse
+def main(target_directory: Path = target_directory,  # class folders, or a formatted root (train/val/test)
+         output_directory: Path = output_directory,  # copy the dataset here and augment the copy (default: in place)
+         n_augmentations: int = n_augmentations,     # how many of the 14 groups to apply, in order
+         seed: int = seed,                           # same seed, same augmented images
+         workers: int = workers,                     # processes that augment in parallel
+         splits: Annotated[list, {"nargs": "+", "type": str}] = splits):  # formatted root: splits to augment
+    "Write the Extended DA dataset: 14 imgaug augmentations beside every training image."
+    with user_errors():
+        if set(splits) - {"train"}:
+            warnings.warn(f"augmenting {sorted(set(splits) - {'train'})}: augmented copies of evaluation "
+                          "images make validation/test scores optimistic", stacklevel=1)
+        if output_directory is not None:
+            target_directory = copy_dataset(target_directory, output_directory)
+        summary = extend_dataset(target_directory, n_augmentations, seed, workers, splits)
+        for error in summary["errors"]:
+            print(f"skipped unreadable image {error}")
+        print(f"images found {summary['found']}, augmented {summary['augmented']}, already done "
+              f"{summary['already_done']}, skipped {summary['skipped']}: {summary['written']} new outputs "
+              f"in {summary['seconds']} s")
+        print(f"Next: train R50.py on {target_directory} (the Extended DA dataset)")
+        if summary["skipped"]:
+            raise SystemExit(1)

@@ -1,0 +1,225 @@
+"""Divide a raw SIPaKMeD or Herlev download into train/val/test (60/20/20 per class), losing nothing.
+
+Writes <output_dir>/{train,val,test}/<class>/, an empty <output_dir>/models/ and <output_dir>/split.csv
+(file, class, split). Copies by default; the source is left as it was.
+"""
+import csv
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+from fastcore.script import call_parse
+from sklearn.model_selection import train_test_split
+from tqdm import tqdm
+
+from TTLR50 import UserError, is_sample_image, user_errors
+
+# --- edit these -----------------------------------------------------------------------------------
+path_dir = Path("data/sipakmed")                # the raw dataset as downloaded (SIPaKMeD or Herlev)
+output_dir = Path("data/sipakmed_formatted")    # receives train/ val/ test/ models/ split.csv
+training_size = 0.6                             # fraction of each class for training
+validation_size = 0.2                           # fraction of each class for validation
+testing_size = 0.2                              # fraction of each class for testing
+random_state = 42                               # seed of the split
+cropped = False                                 # SIPaKMeD: divide the CROPPED single-cell images instead
+move = False                                    # move the files out of path_dir instead of copying them
+force = False                                   # replace a different division already in output_dir
+# ---------------------------------------------------------------------------------------------------
+
+SPLITS = ("train", "val", "test")
+HERLEV_SUBFOLDER = "New database pictures"
+
+
+def class_folders(path_dir, cropped=False):
+    """Map each class name to the folder that holds its samples.
+
+    SIPaKMeD `im_<Class>` folders may hold the images directly or in one nested `im_<Class>/`; the class
+    is named without the `im_` prefix. Herlev class folders may sit under `New database pictures/`.
+    """
+    path_dir = Path(path_dir)
+    if not path_dir.is_dir():
+        raise UserError(f"path_dir {path_dir} is not a folder — set it to the unzipped SIPaKMeD or Herlev dataset")
+    if (path_dir / HERLEV_SUBFOLDER).is_dir():
+        path_dir = path_dir / HERLEV_SUBFOLDER
+    folders = {}
+    for folder in sorted(p for p in path_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        name = folder.name.removeprefix("im_")
+        if (folder / folder.name).is_dir():
+            folder = folder / folder.name
+        folders[name] = folder / "CROPPED" if cropped else folder
+    if not folders:
+        raise UserError(f"no class folders in {path_dir} — is path_dir the unzipped SIPaKMeD or Herlev folder?")
+    return folders
+
+
+def find_samples(folder):
+    "The sample images directly in `folder`, sorted, and how many other files were ignored."
+    if not folder.is_dir():
+        return [], 0
+    files = sorted(p for p in folder.iterdir() if p.is_file() or p.is_symlink())
+    samples = [p for p in files if is_sample_image(p)]
+    for p in samples:
+        try:
+            p.open("rb").close()
+        except OSError as e:
+            raise UserError(f"cannot read {p} ({e.strerror}) — fix or remove it, then run again") from None
+    return samples, len(files) - len(samples)
+
+
+def check_sizes(training_size, validation_size, testing_size):
+    "Refuse split fractions that are out of (0, 1) or do not add up to 1."
+    sizes = dict(training_size=training_size, validation_size=validation_size, testing_size=testing_size)
+    for name, size in sizes.items():
+        if not 0 < size < 1:
+            raise UserError(f"{name} is {size}; each fraction must lie strictly between 0 and 1")
+    if abs(sum(sizes.values()) - 1) > 1e-6:
+        raise UserError(f"training_size + validation_size + testing_size = {sum(sizes.values()):g}; they must add up to 1")
+
+
+def split_class(files, training_size=0.6, validation_size=0.2, testing_size=0.2, random_state=42):
+    """Split one class's files into (train, val, test), exactly as the original did.
+
+    First `testing_size` of the files goes to test, then the rest is split so that validation is
+    `validation_size` of the whole (0.25 of the rest for 60/20/20); both with `random_state`.
+    """
+    rest, test = train_test_split(sorted(files), test_size=testing_size, random_state=random_state)
+    # Rounded so that float noise (0.2/0.8 = 0.25000000000000006) cannot push sklearn's ceil() up by one.
+    val_fraction = round(validation_size / (training_size + validation_size), 10)
+    train, val = train_test_split(rest, test_size=val_fraction, random_state=random_state)
+    return train, val, test
+
+
+def plan_division(samples, sizes, random_state):
+    "Rows (file, class, split) for every sample: `samples` maps class → list of relative file names."
+    rows = []
+    for name, files in samples.items():
+        if len(files) < 3:
+            raise UserError(f"class {name} has {len(files)} image(s); at least 3 are needed to split it 3 ways")
+        for split, part in zip(SPLITS, split_class(files, *sizes, random_state=random_state)):
+            rows += [(file, name, split) for file in part]
+    return sorted(rows)
+
+
+def read_split_csv(output_dir):
+    "The division recorded in output_dir/split.csv, or None when there is none."
+    path = Path(output_dir) / "split.csv"
+    if not path.exists():
+        return None
+    with path.open(newline="") as f:
+        return sorted(tuple(row) for row in list(csv.reader(f))[1:])
+
+
+def write_split_csv(output_dir, rows):
+    "Record the division atomically, so an interrupted run never leaves half a split.csv."
+    tmp = Path(output_dir) / ".split.csv.partial"
+    with tmp.open("w", newline="") as f:
+        csv.writer(f).writerows([("file", "class", "split"), *rows])
+    os.replace(tmp, Path(output_dir) / "split.csv")
+
+
+def destination(output_dir, row):
+    file, name, split = row
+    return Path(output_dir) / split / name / Path(file).name
+
+
+def transfer(source, target, move):
+    "Copy (or move) one file so that `target` is either absent or complete, never half-written."
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if move:
+        try:
+            os.replace(source, target)
+            return
+        except OSError:
+            pass  # another file system: copy, then remove the source once the copy is complete
+    tmp = target.with_name(f".{target.name}.partial")
+    shutil.copy2(source, tmp)
+    os.replace(tmp, target)
+    if move:
+        source.unlink()
+
+
+def remove_division(output_dir):
+    "Delete the train/val/test folders and split.csv of a previous division (only with force)."
+    for split in SPLITS:
+        shutil.rmtree(Path(output_dir) / split, ignore_errors=True)
+    (Path(output_dir) / "split.csv").unlink(missing_ok=True)
+
+
+def summary_table(samples, skipped, rows):
+    "Per class: images found, train, val, test and other files skipped."
+    counts = pd.DataFrame(rows, columns=["file", "class", "split"]).groupby(["class", "split"]).size()
+    table = pd.DataFrame({"found": {k: len(v) for k, v in samples.items()}, "skipped": skipped})
+    for split in SPLITS:
+        table[split] = [int(counts.get((name, split), 0)) for name in table.index]
+    table.loc["total"] = table.sum()
+    return table[["found", *SPLITS, "skipped"]]
+
+
+def divide_dataset(path_dir, output_dir, training_size=0.6, validation_size=0.2, testing_size=0.2,
+                   random_state=42, cropped=False, move=False, force=False, progress=True):
+    """Divide the raw dataset in `path_dir` into `output_dir`/{train,val,test}/<class>.
+
+    Returns (summary table, number of files transferred now). A rerun with the same inputs transfers
+    nothing; an interrupted run is completed; a different division already there is refused unless `force`.
+    """
+    check_sizes(training_size, validation_size, testing_size)
+    path_dir, output_dir = Path(path_dir).absolute(), Path(output_dir).absolute()
+    folders = class_folders(path_dir, cropped)
+    if output_dir == path_dir or path_dir in output_dir.parents:
+        raise UserError(f"output_dir {output_dir} is inside path_dir {path_dir} — choose a folder outside the raw dataset")
+    found, skipped = {}, {}
+    for name, folder in folders.items():
+        files, skipped[name] = find_samples(folder)
+        found[name] = [p.relative_to(path_dir).as_posix() for p in files]
+    recorded = read_split_csv(output_dir)
+    if recorded is not None and not force:
+        # Files an earlier run moved away still belong to the division.
+        for file, name, split in recorded:
+            if not (path_dir / file).exists() and destination(output_dir, (file, name, split)).exists():
+                found.setdefault(name, []).append(file)
+    for name, files in found.items():
+        if not files:
+            raise UserError(f"no images found in {folders[name]} — is path_dir the unzipped SIPaKMeD or Herlev folder?")
+        found[name] = sorted(set(files))
+    rows = plan_division(found, (training_size, validation_size, testing_size), random_state)
+    existing = [s for s in SPLITS if (output_dir / s).is_dir() and any((output_dir / s).iterdir())]
+    if force:
+        remove_division(output_dir)
+    elif recorded is not None and recorded != rows:
+        raise UserError(f"{output_dir} holds a different division (its split.csv differs) — "
+                        "choose another output_dir, or pass --force to replace it")
+    elif recorded is None and existing:
+        raise UserError(f"{output_dir} already holds {'/'.join(existing)} folders not made by this script — "
+                        "choose another output_dir, or pass --force to replace them")
+    (output_dir / "models").mkdir(parents=True, exist_ok=True)
+    write_split_csv(output_dir, rows)
+    todo = [row for row in rows if not destination(output_dir, row).exists()]
+    for row in tqdm(todo, desc="move" if move else "copy", unit="file", disable=not progress or not todo):
+        transfer(path_dir / row[0], destination(output_dir, row), move)
+    missing = [row[0] for row in rows if not destination(output_dir, row).exists()]
+    if missing or len({row[0] for row in rows}) != sum(map(len, found.values())):
+        raise UserError(f"{len(missing)} file(s) did not reach {output_dir}, e.g. {missing[:3]} — run again", code=1)
+    return summary_table(found, skipped, rows), len(todo)
+
+
+@call_parse
+def main(path_dir: Path = path_dir,                # the raw dataset as downloaded (SIPaKMeD or Herlev)
+         output_dir: Path = output_dir,            # receives train/ val/ test/ models/ split.csv
+         training_size: float = training_size,     # fraction of each class for training
+         validation_size: float = validation_size,  # fraction of each class for validation
+         testing_size: float = testing_size,       # fraction of each class for testing
+         random_state: int = random_state,         # seed of the split
+         cropped: bool = cropped,                  # SIPaKMeD: divide the CROPPED single-cell images instead
+         move: bool = move,                        # move the files out of path_dir instead of copying them
+         force: bool = force):                     # delete a different division already in output_dir and divide again
+    "Divide a raw SIPaKMeD or Herlev dataset into train/val/test per class, copying by default."
+    with user_errors():
+        table, transferred = divide_dataset(path_dir, output_dir, training_size, validation_size, testing_size,
+                                            random_state, cropped, move, force)
+        print(table.to_string())
+        if transferred:
+            print(f"{'Moved' if move else 'Copied'} {transferred} files into {output_dir}; the division is in {output_dir / 'split.csv'}")
+        else:
+            print(f"Nothing to do: {output_dir} already holds this division.")
+        print(f"Next: augment the training split (implementation_DataAugmentation_Extension.py) or train R50.py on {output_dir}")

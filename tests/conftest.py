@@ -1,0 +1,56 @@
+"""Shared fixtures: small synthetic datasets and one tiny trained model, made once per test session."""
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import implementation_DatasetDivision as division
+import synthetic_papsmear as demo
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGE_SIZE = 48
+
+
+def tree_digest(folder):
+    "Relative path → sha256 of every file under `folder`: equal digests mean byte-identical trees."
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_script(script, *args):
+    "Run a project script as a user would; returns the CompletedProcess (text output)."
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+@pytest.fixture(scope="session")
+def raw_data(tmp_path_factory):
+    "Raw synthetic SIPaKMeD (20 cluster images per class) and Herlev (10 cells per class)."
+    root = tmp_path_factory.mktemp("raw")
+    demo.generate_sipakmed(root / "sipakmed", n_images=20, seed=3)
+    demo.generate_herlev(root / "herlev", n_images=10, seed=3)
+    return root
+
+
+@pytest.fixture(scope="session")
+def formatted(raw_data, tmp_path_factory):
+    "Divided SIPaKMeD and Herlev (session-wide: tests must not change them)."
+    root = tmp_path_factory.mktemp("formatted")
+    for name in ("sipakmed", "herlev"):
+        division.divide_dataset(raw_data / name, root / name, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained(formatted, tmp_path_factory):
+    "R50 trained for a few epochs on the Extended DA copy of the demo SIPaKMeD (no network, random init)."
+    import implementation_DataAugmentation_Extension as extension
+    import R50
+    path = extension.copy_dataset(formatted / "sipakmed", tmp_path_factory.mktemp("trained") / "sipakmed")
+    extension.extend_dataset(path, workers=2, progress=False)
+    result = R50.train_r50(path, save_loc="tiny", epochs=4, batch_size=16, lr=0.01, image_size=IMAGE_SIZE,
+                           pretrained=False, workers=0)
+    return path, result

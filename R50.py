@@ -22,7 +22,7 @@ pretrained = True               # start from ImageNet weights (downloaded once i
 pretrained_weights = None       # or: a local torchvision ResNet50 state-dict file to start from
 seed = 42
 lr_find = False                 # also run fastai's lr_find: saves its plot and prints the suggestion
-workers = None                  # data loader processes (default: all available cores)
+workers = None                  # data loader processes (default: one per core on a GPU, none on CPU)
 cache_size = None               # decode + resize every image once to this shorter side, e.g. 258 for 224
 # ---------------------------------------------------------------------------------------------------
 
@@ -63,7 +63,7 @@ def main(path_folder: Path = path_folder,        # formatted dataset: train/ val
          pretrained_weights: Path = pretrained_weights,  # a local torchvision ResNet50 state-dict file instead
          seed: int = seed,                        # random seed (data order, augmentation, head initialisation)
          lr_find: bool = lr_find,                 # run fastai's lr_find first: plot + suggestion, lr unchanged
-         workers: int = workers,                  # data loader processes (default: all available cores)
+         workers: int = workers,                  # data loader processes (default: one per core on a GPU, none on CPU)
          cache_size: int = cache_size):           # train from a cache resized once to this shorter side
     "Train a ResNet50 on a formatted Pap-smear dataset; save the best weights and export the learner."
     with TTLR50.user_errors():

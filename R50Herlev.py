@@ -25,7 +25,7 @@ image_size = TTLR50.image_size
 save_loc = TTLR50.save_loc                         # final model name, under sipakmed_path/models/
 start_stage = 1                                    # 2: skip Herlev, start from its saved weights
 seed = 42
-workers = None                                     # data loader processes (default: all available cores)
+workers = None                                     # data loader processes (default: one per core on a GPU, none on CPU)
 cache_size = None                                  # train from images resized once to this shorter side
 # ---------------------------------------------------------------------------------------------------
 
@@ -71,7 +71,7 @@ def main(previous_model_DA: Path = previous_model_DA,          # R50.py's .pth t
          save_loc: str = save_loc,                             # final weights name under sipakmed_path/models
          start_stage: int = start_stage,                       # 2: skip Herlev and start from its saved weights
          seed: int = seed,                                     # random seed
-         workers: int = workers,                               # data loader processes (default: all cores)
+         workers: int = workers,                               # data loader processes (default: one per core on GPU, none on CPU)
          cache_size: int = cache_size):                        # train from a cache resized once to this side
     "Triple Transfer Learning: Extended DA weights → Herlev (7 classes) → SIPaKMeD (5 classes)."
     with TTLR50.user_errors():

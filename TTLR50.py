@@ -76,12 +76,14 @@ def available_cpus():
 
 
 def speed_settings(device_type, bf16_supported=False, workers=None):
-    """How to run on a device type: mixed precision (bf16 where supported, else fp16), channels-last and
-    pinned, persistent loader workers on CUDA only; plain float32 on CPU, where they do not help."""
+    """How to run on a device type. CUDA: mixed precision (bf16 where supported, else fp16), channels-last,
+    one loader worker per core, pinned memory. CPU: float32, and by default no loader workers, since the
+    model's own threads already use every core (on 2 cores workers made training slower, with or without
+    the cache: benchmarks/train_throughput.py). Workers, when there are any, persist across epochs."""
     cuda = device_type == "cuda"
-    workers = available_cpus() if workers is None else workers
+    workers = (available_cpus() if cuda else 0) if workers is None else workers
     return dict(amp=("bf16" if bf16_supported else "fp16") if cuda else None, channels_last=cuda,
-                workers=workers, pin_memory=cuda, persistent_workers=cuda and workers > 0)
+                workers=workers, pin_memory=cuda, persistent_workers=workers > 0)
 
 
 def current_speed_settings(workers=None):

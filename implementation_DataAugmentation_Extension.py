@@ -18,7 +18,7 @@ from fastcore.script import call_parse
 from PIL import Image
 from tqdm import tqdm
 
-from TTLR50 import UserError, is_sample_image, user_errors
+from TTLR50 import UserError, available_cpus, is_sample_image, user_errors
 
 # imgaug 0.4.0 reads np.sctypes at import time, and NumPy 2 removed it. Every import of imgaug in this
 # project goes through this module, so this is the one place that puts the table back (nothing else of
@@ -36,7 +36,7 @@ target_directory = Path("data/sipakmed_formatted")  # class folders, or a format
 output_directory = None      # None: write beside the originals; a path: copy the dataset there, augment the copy
 n_augmentations = 14         # how many of the 14 groups to apply, in order
 seed = 42                    # same seed, same augmented images
-workers = os.cpu_count()     # processes that augment in parallel
+workers = available_cpus()   # processes that augment in parallel (default: all available cores)
 splits = ["train"]           # formatted root: the splits to augment (val/test would leak into evaluation)
 # ---------------------------------------------------------------------------------------------------
 
@@ -178,7 +178,7 @@ def extend_dataset(target_directory, n_augmentations=14, seed=42, workers=None, 
     todo = sorted(set(images) - set(done))
     jobs = [(p, p.relative_to(target).as_posix(), n_augmentations, seed) for p in todo]
     start, written, augmented, errors = time.perf_counter(), 0, 0, []
-    with Pool(max(1, min(workers or os.cpu_count(), len(jobs) or 1)), initializer=_init_worker) as pool:
+    with Pool(max(1, min(workers or available_cpus(), len(jobs) or 1)), initializer=_init_worker) as pool:
         results = pool.imap_unordered(augment_file, jobs, chunksize=1)
         for count, error in tqdm(results, total=len(jobs), desc="augment", unit="img", disable=not progress):
             written += count

@@ -86,10 +86,13 @@ def test_cache_and_plain_path_give_the_same_validation_batch(dataset):
 
 
 @pytest.mark.parametrize("device, bf16, workers, expected", [
-    ("cpu", False, 2, dict(amp=None, channels_last=False, workers=2, pin_memory=False, persistent_workers=False)),
+    ("cpu", False, None, dict(amp=None, channels_last=False, workers=0, pin_memory=False, persistent_workers=False)),
+    ("cpu", False, 2, dict(amp=None, channels_last=False, workers=2, pin_memory=False, persistent_workers=True)),
     ("cuda", True, 8, dict(amp="bf16", channels_last=True, workers=8, pin_memory=True, persistent_workers=True)),
     ("cuda", False, 8, dict(amp="fp16", channels_last=True, workers=8, pin_memory=True, persistent_workers=True)),
     ("cuda", True, 0, dict(amp="bf16", channels_last=True, workers=0, pin_memory=True, persistent_workers=False)),
+    ("cuda", True, None, dict(amp="bf16", channels_last=True, workers=len(os.sched_getaffinity(0)), pin_memory=True,
+                              persistent_workers=True)),
 ])
 def test_mixed_precision_and_channels_last_only_on_cuda(device, bf16, workers, expected):
     assert TTLR50.speed_settings(device, bf16, workers) == expected
@@ -102,4 +105,4 @@ def test_this_machine_trains_in_float32_without_amp_callbacks(formatted):
         assert hasattr(learn, "mixed_precision") and hasattr(learn, "channels_last")
     else:
         assert not hasattr(learn, "mixed_precision") and not hasattr(learn, "channels_last")
-        assert TTLR50.current_speed_settings()["workers"] == len(os.sched_getaffinity(0))
+        assert TTLR50.current_speed_settings()["workers"] == 0

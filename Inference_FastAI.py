@@ -136,20 +136,24 @@ def plot_confusion(matrix, classes, png, title):
     TTLR50.plt.close(fig)
 
 
-def predictions_table(files, labels, probabilities, classes):
-    "One row per image: file, true class (if known), predicted class, and the probability of each class."
+def predictions_table(files, labels, runs, classes):
+    """One row per image: file, true class (if known), predicted class, the probability of each class, and
+    the class predicted with test-time augmentation when it was run."""
     table = pd.DataFrame({"file": [str(f) for f in files]})
     if any(label is not None for label in labels):
         table["true_class"] = labels
-    table["predicted_class"] = [classes[i] for i in probabilities.argmax(1)]
+    table["predicted_class"] = [classes[i] for i in runs["plain"].argmax(1)]
     for i, name in enumerate(classes):
-        table[f"p_{name}"] = probabilities[:, i]
+        table[f"p_{name}"] = runs["plain"][:, i]
+    if "tta" in runs:
+        table["tta_predicted_class"] = [classes[i] for i in runs["tta"].argmax(1)]
     return table
 
 
 def evaluate_folder(model_path, test_dataset_path, output_dir=None, batch_size=batch_size, tta=False):
     """Predict every image of `test_dataset_path` and write the reports. Returns a dict with the
-    predictions table, the metrics (labelled input), the skipped files and the output folder."""
+    predictions table, the model's classes, the metrics (labelled input), the skipped files and the
+    output folder."""
     files, labels = list_inputs(test_dataset_path)
     learn, classes = load_classifier(model_path, files, batch_size)
     check_classes(labels, classes, test_dataset_path)
@@ -164,9 +168,9 @@ def evaluate_folder(model_path, test_dataset_path, output_dir=None, batch_size=b
     output_dir.mkdir(parents=True, exist_ok=True)
     if tta:
         runs["tta"] = predict_files(learn, files, batch_size, tta=True)
-    table = predictions_table(files, labels, runs["plain"], classes)
+    table = predictions_table(files, labels, runs, classes)
     table.to_csv(output_dir / "predictions.csv", index=False)
-    result = dict(table=table, skipped=skipped, output_dir=output_dir, metrics={})
+    result = dict(table=table, classes=classes, skipped=skipped, output_dir=output_dir, metrics={})
     if labels[0] is not None:
         truth = [classes.index(label) for label in labels]
         for name, probabilities in runs.items():
@@ -201,9 +205,8 @@ def main(model_path: Path = model_path,                # .pkl export, or .pth we
     with TTLR50.user_errors():
         result = evaluate_folder(model_path, test_dataset_path, output_dir, batch_size, tta)
         table = result["table"]
-        classes = [c.removeprefix("p_") for c in table.columns if c.startswith("p_")]
         if result["metrics"]:
-            print_report(result, classes)
+            print_report(result, result["classes"])
         else:
             print(table.to_string(index=False, float_format="%.4f"))
         for problem in result["skipped"]:

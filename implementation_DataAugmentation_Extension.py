@@ -94,7 +94,7 @@ def augment_image(image, groups, seed, relative_path):
     "Yield (group number from 1, augmented image) for an RGB uint8 array, one output per group."
     for index, group in enumerate(groups, start=1):
         group.seed_(group_seed(seed, relative_path, index))
-        yield index, group(image=image)
+        yield index, group.augment_image(image)  # lighter than group(image=...), which wraps a whole batch
 
 
 def output_path(source, index):

@@ -26,7 +26,7 @@ def augment_like_the_original(folder, seed=42):
         image = extension.load_rgb(path)
         for index, group in enumerate(groups, start=1):
             group.seed_(extension.group_seed(seed, path.name, index))
-            kept = group(images=[image] * len(groups))[index - 1]
+            kept = group.augment_images([image] * len(groups))[index - 1]
             extension.save_atomically(kept, extension.output_path(path, index))
 
 

@@ -54,7 +54,10 @@ def test_confusion_matrix_picture_and_tta_scores_are_written(evaluated):
     png = (out / "confusion_matrix.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     metrics = json.loads((out / "metrics.json").read_text())
-    assert 0 <= metrics["tta"]["accuracy"] <= 1 and "test-time augmentation: accuracy" in result.stdout
+    table = pd.read_csv(out / "predictions.csv")
+    tta_accuracy = accuracy_score(table["true_class"], table["tta_predicted_class"])
+    assert metrics["tta"]["accuracy"] == pytest.approx(tta_accuracy)
+    assert f"test-time augmentation: accuracy {tta_accuracy:.4f}" in result.stdout
 
 
 def test_weights_only_path_predicts_what_the_export_predicts(trained, formatted, tmp_path):

@@ -162,3 +162,23 @@ def test_help_lists_every_variable():
                           }.items():
         result = run_script(script, "--help")
         assert result.returncode == 0 and all(flag in result.stdout for flag in flags)
+
+
+def test_lr_find_saves_its_plot_and_leaves_lr_as_set(formatted, tmp_path):
+    path = shutil.copytree(formatted / "herlev", tmp_path / "herlev")
+    result = run_script("R50.py", "--path-folder", path, "--epochs", 1, "--image-size", 32, "--lr", 0.005,
+                        "--no-pretrained", "--lr-find", "--save-loc", "found")
+    assert result.returncode == 0, result.stderr
+    assert "lr_find suggests lr = " in result.stdout and "training with lr = 0.005" in result.stdout
+    assert (path / "models" / "found_lr_find.png").read_bytes()[:4] == b"\x89PNG"
+    assert pd.read_csv(path / "models" / "found_log.csv").shape[0] == 1
+
+
+def test_training_is_deterministic_by_seed(formatted, tmp_path):
+    states = []
+    for run in ("a", "b"):
+        path = shutil.copytree(formatted / "herlev", tmp_path / run)
+        R50.train_r50(path, save_loc="seeded", epochs=1, batch_size=8, image_size=32, pretrained=False, workers=0)
+        states.append(torch.load(path / "models" / "seeded.pth", weights_only=True))
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

@@ -8,11 +8,10 @@ import fcntl
 import json
 import os
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.error import URLError
-
-import warnings
 
 import matplotlib
 matplotlib.use("Agg")  # scripts run on headless machines; every figure goes to a PNG file
@@ -36,10 +35,10 @@ from tqdm import tqdm
 
 # --- the final TTL stage's defaults (R50Herlev.py overrides them from its top or the command line) ------
 save_loc = "resnet50_ttl_sipakmed"   # final model: sipakmed_path/models/<save_loc>.pth and .pkl
-epochs = 50
+epochs = 50                          # one-cycle epochs of the SIPaKMeD stage
 batch_size = 10
-lr = 1e-3
-image_size = 224
+lr = 1e-3                            # maximum one-cycle learning rate
+image_size = 224                     # training image side in pixels
 # ---------------------------------------------------------------------------------------------------
 
 

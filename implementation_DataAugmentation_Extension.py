@@ -18,7 +18,7 @@ from fastcore.script import call_parse
 from PIL import Image
 from tqdm import tqdm
 
-from TTLR50 import UserError, available_cpus, is_sample_image, user_errors
+from TTLR50 import IMAGE_EXTENSIONS, UserError, available_cpus, is_sample_image, user_errors
 
 # imgaug 0.4.0 reads np.sctypes at import time, and NumPy 2 removed it. Every import of imgaug in this
 # project goes through this module, so this is the one place that puts the table back (nothing else of
@@ -38,6 +38,7 @@ n_augmentations = 14         # how many of the 14 groups to apply, in order
 seed = 42                    # same seed, same augmented images
 workers = available_cpus()   # processes that augment in parallel (default: all available cores)
 splits = ["train"]           # formatted root: the splits to augment (val/test would leak into evaluation)
+output_format = None         # None: each source's own format; "jpg" (as the original) saves disk on BMP sources
 # ---------------------------------------------------------------------------------------------------
 
 AUGMENTED = re.compile(r"_aug\d{2}$")
@@ -97,14 +98,17 @@ def augment_image(image, groups, seed, relative_path):
         yield index, group.augment_image(image)  # lighter than group(image=...), which wraps a whole batch
 
 
-def output_path(source, index):
-    return source.with_name(f"{source.stem}_aug{index:02d}{source.suffix}")
+def output_path(source, index, output_format=None):
+    "Where group `index`'s output of `source` goes: <stem>_augNN.<source's or the chosen extension>."
+    suffix = f".{output_format.lstrip('.')}" if output_format else source.suffix
+    return source.with_name(f"{source.stem}_aug{index:02d}{suffix}")
 
 
 def save_atomically(array, path):
     "Write through a temporary name, so an interrupted run never leaves a half-written image."
     tmp = path.with_name(f".{path.name}.partial")
-    Image.fromarray(array).save(tmp, format=Image.registered_extensions()[path.suffix.lower()])
+    # quality only matters to JPEG; the lossless formats ignore it
+    Image.fromarray(array).save(tmp, format=Image.registered_extensions()[path.suffix.lower()], quality=95)
     os.replace(tmp, path)
 
 
@@ -132,14 +136,14 @@ def _init_worker():
 
 def augment_file(job):
     "Worker: write the missing outputs of one image. Returns (outputs written, error message or None)."
-    path, relative_path, n_augmentations, seed = job
+    path, relative_path, n_augmentations, seed, output_format = job
     try:
         image = load_rgb(path)
     except Exception as e:  # PIL raises many kinds for a broken file; the run goes on without it
         return 0, f"{relative_path}: {e}"
     written = 0
     for index, augmented in augment_image(image, _groups[:n_augmentations], seed, relative_path):
-        target = output_path(path, index)
+        target = output_path(path, index, output_format)
         if not target.exists():
             save_atomically(augmented, target)
             written += 1
@@ -160,7 +164,7 @@ def copy_dataset(source, destination):
 
 
 def extend_dataset(target_directory, n_augmentations=14, seed=42, workers=None, splits=("train",),
-                   progress=True):
+                   output_format=None, progress=True):
     """Augment every source image under `target_directory` with the first `n_augmentations` groups.
 
     Returns a summary dict: found, augmented (images with new outputs), written, skipped (unreadable
@@ -168,15 +172,18 @@ def extend_dataset(target_directory, n_augmentations=14, seed=42, workers=None, 
     """
     if not 1 <= n_augmentations <= 14:
         raise UserError(f"n_augmentations is {n_augmentations}; it must be between 1 and 14")
+    if output_format and f".{output_format.lstrip('.').lower()}" not in IMAGE_EXTENSIONS:
+        raise UserError(f"output_format {output_format} is not one of {', '.join(e[1:] for e in IMAGE_EXTENSIONS)}")
     target = Path(target_directory)
     if not target.is_dir():
         raise UserError(f"target_directory {target} is not a folder — set it to a formatted dataset or class folders")
     images = list_images(target, splits)
     if not images:
         raise UserError(f"no images found under {target} (splits {list(splits)}) — is target_directory right?")
-    done = [p for p in images if all(output_path(p, i).exists() for i in range(1, n_augmentations + 1))]
+    done = [p for p in images
+            if all(output_path(p, i, output_format).exists() for i in range(1, n_augmentations + 1))]
     todo = sorted(set(images) - set(done))
-    jobs = [(p, p.relative_to(target).as_posix(), n_augmentations, seed) for p in todo]
+    jobs = [(p, p.relative_to(target).as_posix(), n_augmentations, seed, output_format) for p in todo]
     start, written, augmented, errors = time.perf_counter(), 0, 0, []
     with Pool(max(1, min(workers or available_cpus(), len(jobs) or 1)), initializer=_init_worker) as pool:
         results = pool.imap_unordered(augment_file, jobs, chunksize=1)
@@ -195,7 +202,8 @@ def main(target_directory: Path = target_directory,  # class folders, or a forma
          n_augmentations: int = n_augmentations,     # how many of the 14 groups to apply, in order
          seed: int = seed,                           # same seed, same augmented images
          workers: int = workers,                     # processes that augment in parallel
-         splits: Annotated[list, {"nargs": "+", "type": str}] = splits):  # formatted root: splits to augment
+         splits: Annotated[list, {"nargs": "+", "type": str}] = splits,  # formatted root: splits to augment
+         output_format: str = output_format):        # e.g. jpg (default: each source's own format)
     "Write the Extended DA dataset: 14 imgaug augmentations beside every training image."
     with user_errors():
         if set(splits) - {"train"}:
@@ -203,7 +211,7 @@ def main(target_directory: Path = target_directory,  # class folders, or a forma
                           "images make validation/test scores optimistic", stacklevel=1)
         if output_directory is not None:
             target_directory = copy_dataset(target_directory, output_directory)
-        summary = extend_dataset(target_directory, n_augmentations, seed, workers, splits)
+        summary = extend_dataset(target_directory, n_augmentations, seed, workers, splits, output_format)
         for error in summary["errors"]:
             print(f"skipped unreadable image {error}")
         print(f"images found {summary['found']}, augmented {summary['augmented']}, already done "

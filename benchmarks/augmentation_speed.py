@@ -34,7 +34,7 @@ def worker_memory(path):
     "(RSS at start, peak RSS) in MB of a worker process that augments one image 14 times."
     start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     extension._init_worker()
-    extension.augment_file((path, path.name, 14, 42))
+    extension.augment_file((path, path.name, 14, 42, None))
     return start / 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

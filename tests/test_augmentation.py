@@ -158,3 +158,15 @@ def test_missing_or_empty_target_exits_2(tmp_path, case):
     result = run_script("implementation_DataAugmentation_Extension.py", "--target-directory", target)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+
+
+def test_output_format_jpg_saves_disk_and_counts_as_done(formatted, tmp_path):
+    shutil.copytree(formatted / "herlev" / "train" / "normal_columnar", tmp_path / "A")
+    first = extension.extend_dataset(tmp_path, n_augmentations=2, workers=1, output_format="jpg", progress=False)
+    outputs = sorted(tmp_path.rglob("*_aug*"))
+    assert first["written"] == 12 and {p.suffix for p in outputs} == {".jpg"}
+    with Image.open(outputs[0]) as image:
+        assert image.format == "JPEG" and image.mode == "RGB"
+    assert extension.extend_dataset(tmp_path, n_augmentations=2, output_format="jpg", progress=False)["written"] == 0
+    with pytest.raises(extension.UserError, match="output_format gif is not one of"):
+        extension.extend_dataset(tmp_path, output_format="gif", progress=False)

@@ -14,7 +14,7 @@ import TTLR50  # noqa: I001  first: it quiets a deprecation warning that importi
 import numpy as np
 import pandas as pd
 import torch
-from fastai.learner import load_learner, load_model
+from fastai.learner import load_learner
 from fastcore.script import call_parse
 from PIL import Image
 from sklearn.metrics import ConfusionMatrixDisplay, accuracy_score, classification_report, confusion_matrix
@@ -40,11 +40,12 @@ def load_classifier(model_path, files, batch_size=batch_size):
             raise TTLR50.UserError(f"no class list {info_path} beside the weights — use the .pkl export, or "
                                    "weights saved by R50.py / R50Herlev.py")
         info = json.loads(info_path.read_text())
-        if TTLR50.checkpoint_classes(model_path) != len(info["classes"]):
+        state = TTLR50.read_weights(model_path)
+        if TTLR50.head_classes(state, model_path) != len(info["classes"]):
             raise TTLR50.UserError(f"{model_path} and {info_path} disagree on the number of classes")
         learn = TTLR50.pap_learner(TTLR50.inference_dls(files, info["image_size"], batch_size),
                                    n_out=len(info["classes"]))
-        load_model(model_path, learn.model, None, with_opt=False, device=learn.dls.device, weights_only=True)
+        learn.model.load_state_dict(state)
         classes = list(info["classes"])
     else:
         try:

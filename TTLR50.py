@@ -21,7 +21,6 @@ import torch
 # fastai 2.8 still calls torch.jit.script at import, which this torch announces as deprecated on every run.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 from fastai.callback.all import CSVLogger, SaveModelCallback
-from fastai.learner import load_model
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy, skm_to_fastai
 from fastai.torch_core import default_device, set_seed
@@ -254,13 +253,18 @@ def swap_head(learn, n_out):
     return learn
 
 
-def checkpoint_classes(path):
-    "Number of outputs of the head in a saved `.pth` (fastai `learn.save` format, with or without optimiser)."
+def read_weights(path):
+    """The model state of a saved `.pth` (fastai `learn.save` format, with or without optimiser state),
+    loaded with weights_only: nothing is unpickled."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError) as e:
         raise UserError(f"cannot read weights {path} ({str(e).splitlines()[0]})") from None
-    state = state.get("model", state)
+    return state.get("model", state)
+
+
+def head_classes(state, path):
+    "Number of outputs of the head in a model state read from `path`."
     heads = [k for k, v in state.items() if k.startswith("1.") and k.endswith(".weight") and v.ndim == 2]
     if not heads:
         raise UserError(f"{path} holds no fastai ResNet50 head — was it saved by R50.py or R50Herlev.py?")
@@ -269,21 +273,23 @@ def checkpoint_classes(path):
 
 def load_weights(learn, path):
     "Load a `.pth` whose head has as many classes as the learner; otherwise a clear error."
-    n_saved, n_data = checkpoint_classes(path), learn.dls.c
+    state = read_weights(path)
+    n_saved, n_data = head_classes(state, path), learn.dls.c
     if n_saved != n_data:
         raise UserError(f"{path} has a {n_saved}-class head but the data has {n_data} classes — to start from "
                         "weights trained on other classes use TTLR50.load_weights_across_heads (as R50Herlev.py does)")
-    load_model(path, learn.model, None, with_opt=False, device=learn.dls.device)
+    learn.model.load_state_dict(state)
     return learn
 
 
 def load_weights_across_heads(learn, path, n_out=None):
     """Load a `.pth` saved with any number of classes: set the head to the checkpoint's size, load strictly,
     then swap the head to `n_out` outputs (default: the learner's data classes)."""
-    n_saved, n_out = checkpoint_classes(path), n_out or learn.dls.c
+    state = read_weights(path)
+    n_saved, n_out = head_classes(state, path), n_out or learn.dls.c
     if n_saved != head_linear(learn.model)[1].out_features:
         swap_head(learn, n_saved)
-    load_model(path, learn.model, None, with_opt=False, device=learn.dls.device)
+    learn.model.load_state_dict(state)
     if n_saved != n_out:
         swap_head(learn, n_out)
     return learn

@@ -110,6 +110,7 @@ def check_classes(labels, classes, test_dataset_path):
 
 def predict_files(learn, files, batch_size=batch_size, tta=False):
     "Class probabilities of `files`, batched through fastai (test-time augmentation with `tta`)."
+    # Unlike training on CPU, prediction gains from decoding in workers (2 cores: 79 vs 86 ms per image).
     dl = learn.dls.test_dl(files, bs=batch_size, num_workers=TTLR50.available_cpus())
     probabilities = learn.tta(dl=dl)[0] if tta else learn.get_preds(dl=dl)[0]
     return probabilities.float().numpy()

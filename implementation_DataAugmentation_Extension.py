@@ -98,10 +98,9 @@ def augment_image(image, groups, seed, relative_path):
         yield index, group.augment_image(image)  # lighter than group(image=...), which wraps a whole batch
 
 
-def output_path(source, index, output_format=None):
-    "Where group `index`'s output of `source` goes: <stem>_augNN.<source's or the chosen extension>."
-    suffix = f".{output_format.lstrip('.')}" if output_format else source.suffix
-    return source.with_name(f"{source.stem}_aug{index:02d}{suffix}")
+def output_path(source, index, suffix=None):
+    "Where group `index`'s output of `source` goes: <stem>_augNN<suffix>, by default the source's extension."
+    return source.with_name(f"{source.stem}_aug{index:02d}{suffix or source.suffix}")
 
 
 def save_atomically(array, path):
@@ -136,14 +135,14 @@ def _init_worker():
 
 def augment_file(job):
     "Worker: write the missing outputs of one image. Returns (outputs written, error message or None)."
-    path, relative_path, n_augmentations, seed, output_format = job
+    path, relative_path, n_augmentations, seed, suffix = job
     try:
         image = load_rgb(path)
     except Exception as e:  # PIL raises many kinds for a broken file; the run goes on without it
         return 0, f"{relative_path}: {e}"
     written = 0
     for index, augmented in augment_image(image, _groups[:n_augmentations], seed, relative_path):
-        target = output_path(path, index, output_format)
+        target = output_path(path, index, suffix)
         if not target.exists():
             save_atomically(augmented, target)
             written += 1
@@ -172,7 +171,8 @@ def extend_dataset(target_directory, n_augmentations=14, seed=42, workers=None, 
     """
     if not 1 <= n_augmentations <= 14:
         raise UserError(f"n_augmentations is {n_augmentations}; it must be between 1 and 14")
-    if output_format and f".{output_format.lstrip('.').lower()}" not in IMAGE_EXTENSIONS:
+    suffix = f".{output_format.lstrip('.').lower()}" if output_format else None
+    if suffix and suffix not in IMAGE_EXTENSIONS:
         raise UserError(f"output_format {output_format} is not one of {', '.join(e[1:] for e in IMAGE_EXTENSIONS)}")
     target = Path(target_directory)
     if not target.is_dir():
@@ -180,10 +180,9 @@ def extend_dataset(target_directory, n_augmentations=14, seed=42, workers=None, 
     images = list_images(target, splits)
     if not images:
         raise UserError(f"no images found under {target} (splits {list(splits)}) — is target_directory right?")
-    done = [p for p in images
-            if all(output_path(p, i, output_format).exists() for i in range(1, n_augmentations + 1))]
+    done = [p for p in images if all(output_path(p, i, suffix).exists() for i in range(1, n_augmentations + 1))]
     todo = sorted(set(images) - set(done))
-    jobs = [(p, p.relative_to(target).as_posix(), n_augmentations, seed, output_format) for p in todo]
+    jobs = [(p, p.relative_to(target).as_posix(), n_augmentations, seed, suffix) for p in todo]
     start, written, augmented, errors = time.perf_counter(), 0, 0, []
     with Pool(max(1, min(workers or available_cpus(), len(jobs) or 1)), initializer=_init_worker) as pool:
         results = pool.imap_unordered(augment_file, jobs, chunksize=1)

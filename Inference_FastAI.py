@@ -6,7 +6,6 @@ weights (.pth) with the class list (.json) that R50.py / R50Herlev.py write besi
 nothing. Reports go to output_dir: metrics.json, predictions.csv and confusion_matrix.png.
 """
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import TTLR50  # noqa: I001  first: it quiets a deprecation warning that importing fastai prints
@@ -16,7 +15,6 @@ import pandas as pd
 import torch
 from fastai.learner import load_learner
 from fastcore.script import call_parse
-from PIL import Image
 from sklearn.metrics import ConfusionMatrixDisplay, accuracy_score, classification_report, confusion_matrix
 
 # --- edit these -----------------------------------------------------------------------------------
@@ -31,15 +29,11 @@ tta = False            # also predict with fastai's test-time augmentation and r
 def load_classifier(model_path, files, batch_size=batch_size):
     """(learner, class names) from an exported `.pkl`, or from `.pth` weights + their `.json` class list
     (rebuilt through TTLR50 and loaded with weights_only, so nothing is unpickled)."""
-    model_path = Path(model_path)
+    model_path = TTLR50.user_path(model_path)
     if not model_path.is_file():
         raise TTLR50.UserError(f"model_path {model_path} does not exist — train with R50.py or R50Herlev.py first")
     if model_path.suffix == ".pth":
-        info_path = model_path.with_suffix(".json")
-        if not info_path.is_file():
-            raise TTLR50.UserError(f"no class list {info_path} beside the weights — use the .pkl export, or "
-                                   "weights saved by R50.py / R50Herlev.py")
-        info = json.loads(info_path.read_text())
+        info = read_class_list(model_path.with_suffix(".json"))
         state = TTLR50.read_weights(model_path)
         if TTLR50.head_classes(state, model_path) != len(info["classes"]):
             raise TTLR50.UserError(f"{model_path} and {info_path} disagree on the number of classes")
@@ -58,42 +52,48 @@ def load_classifier(model_path, files, batch_size=batch_size):
     return learn, classes
 
 
+def read_class_list(info_path):
+    "The class list (.json) written beside a .pth: a dict with `classes` (names) and `image_size`."
+    if not info_path.is_file():
+        raise TTLR50.UserError(f"no class list {info_path} beside the weights — use the .pkl export, or "
+                               "weights saved by R50.py / R50Herlev.py")
+    try:
+        info = json.loads(info_path.read_text())
+        classes, size = info["classes"], int(info["image_size"])
+        assert isinstance(classes, list) and classes and size > 0
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise TTLR50.UserError(f"{info_path} is not a class list written by R50.py / R50Herlev.py (it needs "
+                               "\"classes\" and \"image_size\") — restore it, or use the .pkl export") from None
+    return info
+
+
 def list_inputs(test_dataset_path):
-    "(image files, their folder label or None): class folders are labelled, plain images are not."
-    path = Path(test_dataset_path)
+    """(image files, their folder label or None, images left out): class folders are labelled, plain images
+    are not; images lying beside class folders are left out, and returned so that the report names them."""
+    path = TTLR50.user_path(test_dataset_path)
     if path.is_file():
-        return [path], [None]
+        return [path], [None], []
     if not path.is_dir():
         raise TTLR50.UserError(f"test_dataset_path {path} does not exist")
     folders = [p for p in sorted(path.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    loose = [f for f in sorted(path.iterdir()) if f.is_file() and TTLR50.is_sample_image(f)]
     if folders:
-        files = [f for d in folders for f in sorted(d.iterdir()) if f.is_file() and TTLR50.is_sample_image(f)]
-        labels = [f.parent.name for f in files]
+        files = [f for d in folders for f in TTLR50.sample_images(d)]
+        labels = [f.relative_to(path).parts[0] for f in files]
+        left_out = loose
     else:
-        files = [f for f in sorted(path.iterdir()) if f.is_file() and TTLR50.is_sample_image(f)]
-        labels = [None] * len(files)
+        files, labels, left_out = loose, [None] * len(loose), []
     if not files:
         raise TTLR50.UserError(f"no images in {path} — set test_dataset_path to a folder of class folders, "
                                "a folder of images, or one image")
-    return files, labels
-
-
-def unreadable(file):
-    "The reason `file` cannot be decoded as an image, or None when it can."
-    try:
-        with Image.open(file) as image:
-            image.load()
-    except Exception as e:  # PIL raises many kinds for a broken file
-        return f"{type(e).__name__}: {e}"
-    return None
+    return files, labels, left_out
 
 
 def drop_unreadable(files, labels, test_dataset_path):
     "(files, labels, skipped descriptions) without the files that cannot be decoded."
-    with ThreadPoolExecutor() as pool:
-        problems = list(pool.map(unreadable, files))
-    skipped = [f"{f}: {p}" for f, p in zip(files, problems) if p]
-    kept = [(f, label) for f, label, p in zip(files, labels, problems) if not p]
+    broken = TTLR50.unreadable_images(files)
+    skipped = [f"{f}: {reason}" for f, reason in broken.items()]
+    kept = [(f, label) for f, label in zip(files, labels) if f not in broken]
     if not kept:
         raise TTLR50.UserError(f"none of the {len(files)} images in {test_dataset_path} can be read", code=1)
     files, labels = map(list, zip(*kept))
@@ -156,7 +156,11 @@ def evaluate_folder(model_path, test_dataset_path, output_dir=None, batch_size=b
     """Predict every image of `test_dataset_path` and write the reports. Returns a dict with the
     predictions table, the model's classes, the metrics (labelled input), the skipped files and the
     output folder."""
-    files, labels = list_inputs(test_dataset_path)
+    TTLR50.check_positive(batch_size=batch_size)
+    model_path = TTLR50.user_path(model_path)
+    files, labels, left_out = list_inputs(test_dataset_path)
+    output_dir = TTLR50.user_path(output_dir or model_path.with_name(f"{model_path.stem}_inference"))
+    output_dir.mkdir(parents=True, exist_ok=True)  # before the slow part: an unusable folder fails at once
     learn, classes = load_classifier(model_path, files, batch_size)
     check_classes(labels, classes, test_dataset_path)
     skipped = []
@@ -166,13 +170,12 @@ def evaluate_folder(model_path, test_dataset_path, output_dir=None, batch_size=b
         # Some file cannot be decoded: only now pay for decoding each one to find which, then go on without them.
         files, labels, skipped = drop_unreadable(files, labels, test_dataset_path)
         runs = {"plain": predict_files(learn, files, batch_size)}
-    output_dir = Path(output_dir or Path(model_path).with_name(f"{Path(model_path).stem}_inference"))
-    output_dir.mkdir(parents=True, exist_ok=True)
     if tta:
         runs["tta"] = predict_files(learn, files, batch_size, tta=True)
     table = predictions_table(files, labels, runs, classes)
     table.to_csv(output_dir / "predictions.csv", index=False)
-    result = dict(table=table, classes=classes, skipped=skipped, output_dir=output_dir, metrics={})
+    result = dict(table=table, classes=classes, skipped=skipped, left_out=left_out, output_dir=output_dir,
+                  metrics={})
     if labels[0] is not None:
         truth = [classes.index(label) for label in labels]
         for name, probabilities in runs.items():
@@ -181,7 +184,7 @@ def evaluate_folder(model_path, test_dataset_path, output_dir=None, batch_size=b
                        f"{Path(model_path).name} on {Path(test_dataset_path).name}: "
                        f"accuracy {result['metrics']['plain']['accuracy']:.4f}")
     summary = dict(model_path=str(model_path), test_dataset_path=str(test_dataset_path), classes=classes,
-                   n_images=len(files), skipped=skipped,
+                   n_images=len(files), skipped=skipped, left_out=list(map(str, left_out)),
                    **{name: {k: v for k, v in m.items() if k != "report_text"} for name, m in result["metrics"].items()})
     (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     return result
@@ -213,6 +216,9 @@ def main(model_path: Path = model_path,                # .pkl export, or .pth we
             print(table.to_string(index=False, float_format="%.4f"))
         for problem in result["skipped"]:
             print(f"skipped unreadable image {problem}")
+        if result["left_out"]:
+            print(f"left out {len(result['left_out'])} image(s) lying beside the class folders, not in one "
+                  f"(e.g. {result['left_out'][0].name}): their class is unknown — move them into a class folder")
         print(f"\n{len(table)} images predicted, {len(result['skipped'])} skipped; reports in {result['output_dir']}")
         if result["skipped"]:
             raise SystemExit(1)

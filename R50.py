@@ -39,6 +39,8 @@ def train_r50(path_folder, save_loc=save_loc, model_path=None, export_path=None,
               batch_size=batch_size, lr=lr, image_size=image_size, pretrained=True, pretrained_weights=None,
               seed=42, lr_find=False, workers=None, cache_size=None):
     "Build, optionally resume, train, save and export; returns `TTLR50.train_and_save`'s summary."
+    TTLR50.check_training_options(save_loc, epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
+                                  workers=workers, cache_size=cache_size)
     dls = TTLR50.pap_dls(path_folder, image_size, batch_size, seed, workers, cache_size)
     starts_from_file = model_path is not None
     learn = TTLR50.pap_learner(dls, pretrained and not starts_from_file, pretrained_weights, path=path_folder)

@@ -38,9 +38,16 @@ def triple_transfer(previous_model_DA, herlev_path, sipakmed_path, current_class
     "Run the Herlev stage (unless start_stage is 2) and the SIPaKMeD stage; returns each stage's summary."
     if start_stage not in (1, 2):
         raise TTLR50.UserError(f"start_stage is {start_stage}; it must be 1 (Herlev, then SIPaKMeD) or 2")
+    TTLR50.check_file_name(herlev_save_loc, "herlev_save_loc")
+    TTLR50.check_training_options(save_loc, herlev_epochs=herlev_epochs, herlev_batch_size=herlev_batch_size,
+                                  epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
+                                  current_classes_of_dataset=current_classes_of_dataset,
+                                  output_classes_of_next_dataset=output_classes_of_next_dataset,
+                                  workers=workers, cache_size=cache_size)
     TTLR50.check_formatted(herlev_path, current_classes_of_dataset)
     TTLR50.check_formatted(sipakmed_path, output_classes_of_next_dataset)
-    herlev_weights = Path(herlev_path) / "models" / f"{herlev_save_loc}.pth"
+    herlev_path, sipakmed_path = TTLR50.user_path(herlev_path), TTLR50.user_path(sipakmed_path)
+    herlev_weights = herlev_path / "models" / f"{herlev_save_loc}.pth"
     results = {}
     if start_stage == 1:
         if not Path(previous_model_DA).is_file():

@@ -1,13 +1,12 @@
-"""Shared helpers of the ResNet50 scripts: user errors, data loaders, learner building, head swap,
-weight loading across heads, and one Triple Transfer Learning stage.
+"""Shared helpers of the ResNet50 scripts: data loaders, learner building, head swap, weight loading across
+heads, and one Triple Transfer Learning stage. File rules and user errors come from papfiles.py below it.
 
 R50.py, R50Herlev.py and Inference_FastAI.py build their data and models only through this module.
 The final TTL stage's defaults (its `save_loc` among them) are set here, once.
 """
 import fcntl
 import json
-import os
-import sys
+import socket
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +31,10 @@ from torch import nn
 from torchvision.models import ResNet50_Weights, resnet50
 from tqdm import tqdm
 
+from papfiles import (UserError, atomic_output, available_cpus, check_file_name, check_not_negative,  # noqa: F401
+                      check_positive, class_names, is_sample_image, remove_partials, sample_images,
+                      unreadable_images, user_errors, user_path)
+
 # --- the final TTL stage's defaults (R50Herlev.py overrides them from its top or the command line) ------
 save_loc = "resnet50_ttl_sipakmed"   # final model: sipakmed_path/models/<save_loc>.pth and .pkl
 epochs = 50                          # one-cycle epochs of the SIPaKMeD stage
@@ -40,37 +43,7 @@ lr = 1e-3                            # maximum one-cycle learning rate
 image_size = 224                     # training image side in pixels
 # ---------------------------------------------------------------------------------------------------
 
-
-class UserError(Exception):
-    "A problem with the user's input or files: shown as one line, never a traceback."
-    def __init__(self, message, code=2):
-        super().__init__(message)
-        self.code = code
-
-
-@contextmanager
-def user_errors():
-    "Print a `UserError` as one line on stderr and exit with its code (2 = bad input)."
-    try:
-        yield
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(e.code) from None
-
-
-IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff")
-
-
-def is_sample_image(path):
-    "True for an image file that is a sample: not a Herlev segmentation mask (`*-d.bmp`), not hidden."
-    name = path.name.lower()
-    return (path.suffix.lower() in IMAGE_EXTENSIONS and not path.stem.lower().endswith("-d")
-            and not name.startswith("."))
-
-
-def available_cpus():
-    "CPU cores this process may use."
-    return len(os.sched_getaffinity(0))
+DOWNLOAD_TIMEOUT = 60  # seconds without an answer before the ImageNet download counts as offline
 
 
 def speed_settings(device_type, bf16_supported=False, workers=None):
@@ -90,21 +63,22 @@ def current_speed_settings(workers=None):
     return speed_settings(device.type, device.type == "cuda" and torch.cuda.is_bf16_supported(), workers)
 
 
-def class_names(folder):
-    "Sorted class folder names in `folder` (as fastai's vocab orders them)."
-    return sorted(p.name for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
 def check_formatted(path_folder, n_classes=None):
-    "Refuse a dataset folder without train/ and val/ class folders, or with another number of classes."
+    """Refuse a dataset folder without train/ and val/ class folders holding images, with a validation class
+    that has no training image, or with another number of classes (counting folders that hold images)."""
     path_folder = Path(path_folder)
     for split in ("train", "val"):
         if not (path_folder / split).is_dir() or not class_names(path_folder / split):
-            raise UserError(f"{path_folder} has no {split}/<class> folders — set it to a folder made by "
+            raise UserError(f"{path_folder} has no {split}/<class> folders with images — set it to a folder made by "
                             "implementation_DatasetDivision.py")
     found = class_names(path_folder / "train")
+    untrained = sorted(set(class_names(path_folder / "val")) - set(found))
+    if untrained:
+        raise UserError(f"{path_folder / 'val'} has class(es) {', '.join(untrained)} with no image in "
+                        f"{path_folder / 'train'} — a class must have training images to be learnt")
     if n_classes is not None and len(found) != n_classes:
-        raise UserError(f"{path_folder} has {len(found)} classes ({', '.join(found)}) but {n_classes} were expected")
+        raise UserError(f"{path_folder} has {len(found)} classes with images ({', '.join(found)}) but "
+                        f"{n_classes} were expected")
     return found
 
 
@@ -136,18 +110,21 @@ def build_cache(path_folder, cache_size, splits=("train", "val"), progress=True)
             del manifest[rel]
         stamps = {rel: [p.stat().st_size, p.stat().st_mtime_ns] for rel, p in sources.items()}
         todo = [rel for rel in sources if manifest.get(rel) != stamps[rel] or not (root / f"{rel}.png").exists()]
+        remove_partials(root)
         for rel in tqdm(todo, desc=f"cache {cache_size}px", unit="img", disable=not progress or not todo):
             target = root / f"{rel}.png"
             target.parent.mkdir(parents=True, exist_ok=True)
-            with Image.open(sources[rel]) as image:
-                small = resize_short_side(image.convert("RGB"), cache_size)
-            tmp = target.with_name(f".{target.name}.partial")
-            small.save(tmp, format="PNG", compress_level=1)
-            os.replace(tmp, target)
+            try:
+                with Image.open(sources[rel]) as image:
+                    small = resize_short_side(image.convert("RGB"), cache_size)
+            except Exception as e:  # PIL raises many kinds for a broken file
+                raise UserError(f"cannot read image {sources[rel]} ({type(e).__name__}: {e}) — remove or replace "
+                                "it, then run again") from None
+            with atomic_output(target) as tmp:
+                small.save(tmp, format="PNG", compress_level=1)
             manifest[rel] = stamps[rel]
-        tmp = root / ".manifest.json.partial"
-        tmp.write_text(json.dumps(manifest, indent=0, sort_keys=True))
-        os.replace(tmp, manifest_path)
+        with atomic_output(manifest_path) as tmp:
+            tmp.write_text(json.dumps(manifest, indent=0, sort_keys=True))
     return root
 
 
@@ -158,16 +135,24 @@ def pap_transforms(image_size):
 
 def pap_dls(path_folder, image_size=image_size, batch_size=batch_size, seed=42, workers=None, cache_size=None):
     """DataLoaders over path_folder/train and path_folder/val (class sub-folders), built the same way for
-    every script; with `cache_size`, training reads the decoded-image cache instead of the sources."""
+    every script; with `cache_size`, training reads the decoded-image cache instead of the sources.
+    Refuses a batch larger than the training set, which would train no step at all."""
+    check_positive(image_size=image_size, batch_size=batch_size, cache_size=cache_size)
+    check_not_negative(workers=workers)
+    path_folder = user_path(path_folder)
     check_formatted(path_folder)
     settings = current_speed_settings(workers)
-    source = build_cache(path_folder, cache_size) if cache_size else Path(path_folder)
+    source = build_cache(path_folder, cache_size) if cache_size else path_folder
     item_tfms, batch_tfms = pap_transforms(image_size)
     set_seed(seed, reproducible=True)
-    return ImageDataLoaders.from_folder(source, train="train", valid="val", item_tfms=item_tfms,
-                                        batch_tfms=batch_tfms, bs=batch_size, num_workers=settings["workers"],
-                                        pin_memory=settings["pin_memory"],
-                                        persistent_workers=settings["persistent_workers"])
+    dls = ImageDataLoaders.from_folder(source, train="train", valid="val", item_tfms=item_tfms,
+                                       batch_tfms=batch_tfms, bs=batch_size, num_workers=settings["workers"],
+                                       pin_memory=settings["pin_memory"],
+                                       persistent_workers=settings["persistent_workers"])
+    if batch_size > len(dls.train_ds):
+        raise UserError(f"batch_size {batch_size} is larger than the training set of {path_folder} "
+                        f"({len(dls.train_ds)} images), so no training step would run — lower --batch-size")
+    return dls
 
 
 def inference_dls(files, image_size=image_size, batch_size=64):
@@ -191,13 +176,25 @@ def imagenet_weights():
     return weights, Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
 
 
+@contextmanager
+def socket_timeout(seconds):
+    "Give every network connection opened in the block a time limit, so that a silent network cannot hang it."
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(before)
+
+
 def ensure_imagenet_weights():
     "Download the ImageNet weights now (before any training), or say clearly how to do without the network."
     weights, file = imagenet_weights()
     if file.exists():
         return file
     try:
-        weights.get_state_dict(progress=True)
+        with socket_timeout(DOWNLOAD_TIMEOUT):
+            weights.get_state_dict(progress=True)
     except (URLError, OSError, RuntimeError) as e:
         raise UserError(f"cannot download the ImageNet ResNet50 weights ({e}). Either put {file.name} into "
                         f"{file.parent}, or set pretrained_weights to a local torchvision ResNet50 state-dict "
@@ -209,10 +206,10 @@ def load_body_weights(learn, pretrained_weights):
     "Load a torchvision ResNet50 state-dict file strictly into the learner's body."
     try:
         reference = resnet50()
-        reference.load_state_dict(torch.load(pretrained_weights, map_location="cpu", weights_only=True))
-    except (OSError, RuntimeError, KeyError, TypeError, AttributeError) as e:
+        reference.load_state_dict(torch.load(user_path(pretrained_weights), map_location="cpu", weights_only=True))
+    except Exception as e:  # torch.load raises many kinds for a file that is not a checkpoint
         raise UserError(f"pretrained_weights {pretrained_weights} is not a torchvision ResNet50 state dict "
-                        f"({str(e).splitlines()[0]})") from None
+                        f"({type(e).__name__}: {first_line(e)})") from None
     body = create_body(reference, pretrained=True, cut=model_meta[resnet50]["cut"])
     learn.model[0].load_state_dict(body.state_dict())
 
@@ -225,8 +222,10 @@ def pap_learner(dls, pretrained=False, pretrained_weights=None, n_out=None, path
     """
     if pretrained and not pretrained_weights:
         ensure_imagenet_weights()
+    # An absolute path: fastai joins it with file names (the CSV log's among them) that may already hold it.
     learn = vision_learner(dls, resnet50, pretrained=pretrained and not pretrained_weights, n_out=n_out,
-                           loss_func=CrossEntropyLossFlat(), metrics=pap_metrics(), path=path)
+                           loss_func=CrossEntropyLossFlat(), metrics=pap_metrics(),
+                           path=None if path is None else user_path(path))
     if pretrained_weights:
         load_body_weights(learn, pretrained_weights)
     settings = current_speed_settings()
@@ -253,14 +252,25 @@ def swap_head(learn, n_out):
     return learn
 
 
+def first_line(error):
+    "The first line of an exception's message (torch's can run over many lines)."
+    return (str(error).splitlines() or [""])[0]
+
+
 def read_weights(path):
     """The model state of a saved `.pth` (fastai `learn.save` format, with or without optimiser state),
-    loaded with weights_only: nothing is unpickled."""
+    loaded with weights_only: nothing is unpickled. A `.pkl` export or any other file is refused."""
+    if Path(path).suffix == ".pkl":
+        raise UserError(f"{path} is a fastai export (.pkl); give the weights file (.pth) saved beside it")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as e:
-        raise UserError(f"cannot read weights {path} ({str(e).splitlines()[0]})") from None
-    return state.get("model", state)
+        state = torch.load(user_path(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many kinds for a file that is not a checkpoint
+        raise UserError(f"cannot read weights {path} ({type(e).__name__}: {first_line(e)}) — give a .pth saved "
+                        "by R50.py or R50Herlev.py") from None
+    state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} is not a model checkpoint — give a .pth saved by R50.py or R50Herlev.py")
+    return state
 
 
 def head_classes(state, path):
@@ -325,23 +335,52 @@ def evaluate(learn):
     return pd.DataFrame({k: dict(zip(names, map(float, v))) for k, v in rows.items()}).T
 
 
+def export_atomically(learn, export_path):
+    "Export the learner through a temporary name, so a kill never leaves a truncated .pkl."
+    with atomic_output(export_path) as tmp:
+        learn.export(tmp)
+    return export_path
+
+
+def fit_naming_bad_images(learn, epochs, lr, cbs):
+    """fit_one_cycle; when an image cannot be decoded mid-training, a `UserError` naming the broken files."""
+    try:
+        learn.fit_one_cycle(epochs, lr, cbs=cbs)
+    except OSError:
+        files = [*learn.dls.train_ds.items, *learn.dls.valid_ds.items]
+        broken = unreadable_images(files)
+        if not broken:
+            raise
+        file, reason = next(iter(broken.items()))
+        raise UserError(f"{len(broken)} image(s) cannot be read, e.g. {file} ({reason}) — remove or replace "
+                        "them, then run again") from None
+
+
 def train_and_save(learn, epochs, lr, save_loc, export_path=None, image_size=image_size):
     """Train the whole network with one-cycle, keep the epoch with the best validation accuracy, save its
     weights (.pth + class list .json), export the learner (.pkl), and write the CSV log and curves.
 
     Returns a dict of the files written and the final validation/training scores."""
     models = Path(learn.path) / learn.model_dir
+    export_path = user_path(export_path or models / f"{save_loc}.pkl")
     models.mkdir(parents=True, exist_ok=True)
+    export_path.parent.mkdir(parents=True, exist_ok=True)
     log = models / f"{save_loc}_log.csv"
     learn.unfreeze()
-    learn.fit_one_cycle(epochs, lr, cbs=[SaveModelCallback(monitor="accuracy", fname=save_loc),
-                                          CSVLogger(fname=log)])
+    fit_naming_bad_images(learn, epochs, lr, [SaveModelCallback(monitor="accuracy", fname=save_loc),
+                                              CSVLogger(fname=log)])
     weights = save_weights(learn, save_loc, image_size)
-    export_path = Path(export_path or models / f"{save_loc}.pkl").absolute()
-    learn.export(export_path)
+    export_atomically(learn, export_path)
     curves = plot_training(log, models / f"{save_loc}_curves.png")
     return dict(weights=weights, classes=weights.with_suffix(".json"), export=export_path, log=log,
                 curves=curves, scores=evaluate(learn))
+
+
+def check_training_options(save_loc, **numbers):
+    "Refuse, before any work, a `save_loc` that is not a plain name and numbers that are not > 0 (workers: >= 0)."
+    check_file_name(save_loc)
+    check_not_negative(workers=numbers.pop("workers", None))
+    check_positive(**numbers)
 
 
 def ttl_stage(data_path, start_weights, save_loc=save_loc, epochs=epochs, batch_size=batch_size, lr=lr,

@@ -4,9 +4,7 @@ Each output depends only on (seed, the image's relative path, the group), so rer
 workers give the same files; a rerun only writes what is missing.
 """
 import hashlib
-import os
 import re
-import shutil
 import time
 import warnings
 from multiprocessing import Pool
@@ -18,7 +16,8 @@ from fastcore.script import call_parse
 from PIL import Image
 from tqdm import tqdm
 
-from TTLR50 import IMAGE_EXTENSIONS, UserError, available_cpus, is_sample_image, user_errors
+from papfiles import (IMAGE_EXTENSIONS, UserError, atomic_output, available_cpus, check_not_negative, copy_atomically,
+                      is_inside, remove_partials, sample_images, user_errors, user_path)
 
 # imgaug 0.4.0 reads np.sctypes at import time, and NumPy 2 removed it. Every import of imgaug in this
 # project goes through this module, so this is the one place that puts the table back (nothing else of
@@ -105,10 +104,9 @@ def output_path(source, index, suffix=None):
 
 def save_atomically(array, path):
     "Write through a temporary name, so an interrupted run never leaves a half-written image."
-    tmp = path.with_name(f".{path.name}.partial")
-    # quality only matters to JPEG; the lossless formats ignore it
-    Image.fromarray(array).save(tmp, format=Image.registered_extensions()[path.suffix.lower()], quality=95)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        # quality only matters to JPEG; the lossless formats ignore it
+        Image.fromarray(array).save(tmp, format=Image.registered_extensions()[path.suffix.lower()], quality=95)
 
 
 def load_rgb(path):
@@ -117,12 +115,29 @@ def load_rgb(path):
         return np.asarray(image.convert("RGB"))
 
 
-def list_images(target_directory, splits):
-    "The source images to augment: never augmentation outputs, masks or non-images."
+def image_roots(target_directory, splits):
+    "The folders to augment: the chosen splits of a formatted root, or the class folders' parent itself."
     target = Path(target_directory)
-    roots = [target / s for s in splits] if any((target / s).is_dir() for s in ("train", "val", "test")) else [target]
-    return sorted(p for root in roots if root.is_dir() for p in root.rglob("*")
-                  if p.is_file() and is_sample_image(p) and not AUGMENTED.search(p.stem))
+    return [target / s for s in splits] if any((target / s).is_dir() for s in ("train", "val", "test")) else [target]
+
+
+def list_images(target_directory, splits):
+    "The source images to augment (in linked class folders too): never augmentation outputs, masks or non-images."
+    return sorted(p for root in image_roots(target_directory, splits) if root.is_dir()
+                  for p in sample_images(root) if p.is_file() and not AUGMENTED.search(p.stem))
+
+
+def check_collisions(images, suffix):
+    "Refuse two sources that would write the same outputs (a.bmp and a.png with one output_format)."
+    if suffix is None:
+        return
+    owners = {}
+    for image in images:
+        other = owners.setdefault(output_path(image, 1, suffix), image)
+        if other != image:
+            raise UserError(f"{other.name} and {image.name} in {image.parent} would both write "
+                            f"{output_path(image, 1, suffix).stem[:-2]}NN{suffix} — rename one of them, or leave "
+                            "output_format unset so that each output keeps its source's format")
 
 
 _groups = None
@@ -138,10 +153,13 @@ def augment_file(job):
     path, relative_path, n_augmentations, seed, suffix = job
     try:
         image = load_rgb(path)
-    except Exception as e:  # PIL raises many kinds for a broken file; the run goes on without it
-        return 0, f"{relative_path}: {e}"
+        # All groups first: one that cannot handle the image (a side that shrinks to 0 pixels in a very
+        # elongated image) skips the whole image rather than leaving it half augmented.
+        outputs = list(augment_image(image, _groups[:n_augmentations], seed, relative_path))
+    except Exception as e:  # PIL and imgaug raise many kinds for a broken file; the run goes on without it
+        return 0, f"{relative_path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     written = 0
-    for index, augmented in augment_image(image, _groups[:n_augmentations], seed, relative_path):
+    for index, augmented in outputs:
         target = output_path(path, index, suffix)
         if not target.exists():
             save_atomically(augmented, target)
@@ -149,16 +167,21 @@ def augment_file(job):
     return written, None
 
 
-def copy_dataset(source, destination):
-    "Copy the files of `source` missing in `destination` (the source is only read)."
-    source, destination = Path(source).absolute(), Path(destination).absolute()
-    if destination == source or source in destination.parents:
+def copy_dataset(source, destination, progress=True):
+    """Copy the files of `source` missing in `destination` (the source is only read); each copy is atomic,
+    so a killed copy is redone by the next run instead of leaving a truncated image."""
+    source, destination = user_path(source), user_path(destination)
+    if not source.is_dir():
+        raise UserError(f"target_directory {source} is not a folder — set it to a formatted dataset or class folders")
+    if is_inside(destination, source):
         raise UserError(f"output_directory {destination} is inside target_directory — choose a folder outside it")
-    for path in tqdm(sorted(p for p in source.rglob("*") if p.is_file()), desc="copy", unit="file"):
+    if destination.is_dir():
+        remove_partials(destination)
+    files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.endswith(".partial"))
+    for path in tqdm(files, desc="copy", unit="file", disable=not progress):
         target = destination / path.relative_to(source)
         if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, target)
+            copy_atomically(path, target)
     return destination
 
 
@@ -171,15 +194,19 @@ def extend_dataset(target_directory, n_augmentations=14, seed=42, workers=None, 
     """
     if not 1 <= n_augmentations <= 14:
         raise UserError(f"n_augmentations is {n_augmentations}; it must be between 1 and 14")
+    check_not_negative(workers=workers)
     suffix = f".{output_format.lstrip('.').lower()}" if output_format else None
     if suffix and suffix not in IMAGE_EXTENSIONS:
         raise UserError(f"output_format {output_format} is not one of {', '.join(e[1:] for e in IMAGE_EXTENSIONS)}")
-    target = Path(target_directory)
+    target = user_path(target_directory)
     if not target.is_dir():
         raise UserError(f"target_directory {target} is not a folder — set it to a formatted dataset or class folders")
     images = list_images(target, splits)
     if not images:
         raise UserError(f"no images found under {target} (splits {list(splits)}) — is target_directory right?")
+    check_collisions(images, suffix)
+    for root in {image.parent for image in images}:  # a killed run's half-written outputs, of any group
+        remove_partials(root)
     done = [p for p in images if all(output_path(p, i, suffix).exists() for i in range(1, n_augmentations + 1))]
     todo = sorted(set(images) - set(done))
     jobs = [(p, p.relative_to(target).as_posix(), n_augmentations, seed, suffix) for p in todo]
@@ -200,7 +227,7 @@ def main(target_directory: Path = target_directory,  # class folders, or a forma
          output_directory: Path = output_directory,  # copy the dataset here and augment the copy (default: in place)
          n_augmentations: int = n_augmentations,     # how many of the 14 groups to apply, in order
          seed: int = seed,                           # same seed, same augmented images
-         workers: int = workers,                     # processes that augment in parallel
+         workers: int = workers,                     # processes that augment in parallel (0: one per core)
          splits: Annotated[list, {"nargs": "+", "type": str}] = splits,  # formatted root: splits to augment
          output_format: str = output_format):        # e.g. jpg (default: each source's own format)
     "Write the Extended DA dataset: 14 imgaug augmentations beside every training image."

@@ -13,7 +13,8 @@ from fastcore.script import call_parse
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
-from TTLR50 import UserError, is_sample_image, user_errors
+from papfiles import (UserError, atomic_output, copy_atomically, is_inside, is_sample_image, remove_partials,
+                      same_file_content, user_errors, user_path)
 
 # --- edit these -----------------------------------------------------------------------------------
 path_dir = Path("data/sipakmed")                # the raw dataset as downloaded (SIPaKMeD or Herlev)
@@ -45,6 +46,9 @@ def class_folders(path_dir, cropped=False):
     folders = {}
     for folder in sorted(p for p in path_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
         name = folder.name.removeprefix("im_")
+        if name in folders:
+            raise UserError(f"{folders[name].relative_to(path_dir).parts[0]} and {folder.name} in {path_dir} are "
+                            f"both class {name} — merge them into one folder so that no image is left out")
         if (folder / folder.name).is_dir():
             folder = folder / folder.name
         folders[name] = folder / "CROPPED" if cropped else folder
@@ -112,38 +116,79 @@ def read_split_csv(output_dir):
 
 def write_split_csv(output_dir, rows):
     "Record the division atomically, so an interrupted run never leaves half a split.csv."
-    tmp = Path(output_dir) / ".split.csv.partial"
-    with tmp.open("w", newline="") as f:
+    with atomic_output(Path(output_dir) / "split.csv") as tmp, tmp.open("w", newline="") as f:
         csv.writer(f).writerows([("file", "class", "split"), *rows])
-    os.replace(tmp, Path(output_dir) / "split.csv")
+
+
+def check_apart(path_dir, output_dir):
+    """Refuse an output_dir inside the raw dataset, or a raw dataset inside output_dir's split folders
+    (where a division would mix with it), comparing real locations."""
+    if is_inside(output_dir, path_dir):
+        raise UserError(f"output_dir {output_dir} is inside path_dir {path_dir} — choose a folder outside the raw dataset")
+    for split in SPLITS:
+        if is_inside(path_dir, output_dir / split):
+            raise UserError(f"path_dir {path_dir} lies inside {output_dir / split}, where the division goes — "
+                            "move the raw dataset out of output_dir, or choose another output_dir")
 
 
 def destination(output_dir, row):
+    "Where one row (file, class, split) of the division puts its file."
     file, name, split = row
     return Path(output_dir) / split / name / Path(file).name
 
 
 def transfer(source, target, move):
-    "Copy (or move) one file so that `target` is either absent or complete, never half-written."
+    """Copy (or move) one file so that `target` is either absent or complete, never half-written.
+
+    A linked image is moved by copying what it points to and removing only the link: moving the link
+    itself would leave it pointing nowhere when its target is named relative to the link."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    if move:
+    if move and not source.is_symlink():
         try:
             os.replace(source, target)
             return
         except OSError:
             pass  # another file system: copy, then remove the source once the copy is complete
-    tmp = target.with_name(f".{target.name}.partial")
-    shutil.copy2(source, tmp)
-    os.replace(tmp, target)
+    copy_atomically(source, target)
     if move:
         source.unlink()
 
 
-def remove_division(output_dir):
-    "Delete the train/val/test folders and split.csv of a previous division (only with force)."
+def plan_removal(path_dir, output_dir, recorded, planned):
+    """How to take a previous division away without losing a file: (copies to delete, moved files to put
+    back into path_dir). A file counts as a copy when an image of path_dir with its class and name holds
+    the same bytes. Refuses when a split folder holds a file that exists nowhere else."""
+    recorded_at = {destination(output_dir, row): path_dir / row[0] for row in recorded or []}
+    by_name = {(name, Path(file).name): path_dir / file for file, name, _ in [*planned, *(recorded or [])]}
+    copies, moved, unique = [], [], []
     for split in SPLITS:
-        shutil.rmtree(Path(output_dir) / split, ignore_errors=True)
-    (Path(output_dir) / "split.csv").unlink(missing_ok=True)
+        for file in sorted(p for p in (output_dir / split).rglob("*") if not p.is_dir()):
+            source, original = recorded_at.get(file), by_name.get((file.parent.name, file.name))
+            if file.name.startswith(".") and file.name.endswith(".partial"):
+                copies.append(file)
+            elif source is not None and not source.exists() and not source.is_symlink():
+                moved.append((file, source))
+            elif original is not None and same_file_content(file, original):
+                copies.append(file)
+            else:
+                unique.append(file)
+    if unique:
+        raise UserError(f"{output_dir} holds {len(unique)} file(s) that are not copies of path_dir's images, "
+                        f"e.g. {unique[0]}; --force never deletes those — move them out or choose another output_dir")
+    return copies, moved
+
+
+def remove_division(path_dir, output_dir, recorded, planned):
+    """Take a previous division away before dividing again (only with force), losing nothing: copies of
+    path_dir's images are deleted, images an earlier --move took out of path_dir go back there."""
+    copies, moved = plan_removal(path_dir, output_dir, recorded, planned)
+    for file, source in moved:
+        transfer(file, source, move=True)
+    for file in copies:
+        file.unlink()
+    for split in SPLITS:
+        shutil.rmtree(output_dir / split, ignore_errors=True)  # only empty folders are left by now
+    (output_dir / "split.csv").unlink(missing_ok=True)
 
 
 def summary_table(samples, skipped, rows):
@@ -164,28 +209,26 @@ def divide_dataset(path_dir, output_dir, training_size=0.6, validation_size=0.2,
     nothing; an interrupted run is completed; a different division already there is refused unless `force`.
     """
     check_sizes(training_size, validation_size, testing_size)
-    path_dir, output_dir = Path(path_dir).absolute(), Path(output_dir).absolute()
+    path_dir, output_dir = user_path(path_dir), user_path(output_dir)
     folders = class_folders(path_dir, cropped)
-    if output_dir == path_dir or path_dir in output_dir.parents:
-        raise UserError(f"output_dir {output_dir} is inside path_dir {path_dir} — choose a folder outside the raw dataset")
+    check_apart(path_dir, output_dir)
     found, skipped = {}, {}
     for name, folder in folders.items():
         files, skipped[name] = find_samples(folder)
         found[name] = [p.relative_to(path_dir).as_posix() for p in files]
     recorded = read_split_csv(output_dir)
-    if recorded is not None and not force:
-        # Files an earlier run moved away still belong to the division.
-        for file, name, split in recorded:
-            if not (path_dir / file).exists() and destination(output_dir, (file, name, split)).exists():
-                found.setdefault(name, []).append(file)
+    # Files an earlier --move took out of path_dir still belong to the dataset (force puts them back first).
+    for file, name, split in recorded or []:
+        if not (path_dir / file).exists() and destination(output_dir, (file, name, split)).exists():
+            found.setdefault(name, []).append(file)
     for name, files in found.items():
         if not files:
             raise UserError(f"no images found in {folders[name]} — is path_dir the unzipped SIPaKMeD or Herlev folder?")
         found[name] = sorted(set(files))
     rows = plan_division(found, (training_size, validation_size, testing_size), random_state)
     existing = [s for s in SPLITS if (output_dir / s).is_dir() and any((output_dir / s).iterdir())]
-    if force:
-        remove_division(output_dir)
+    if force and (recorded is not None or existing):
+        remove_division(path_dir, output_dir, recorded, rows)
     elif recorded is not None and recorded != rows:
         raise UserError(f"{output_dir} holds a different division (its split.csv differs) — "
                         "choose another output_dir, or pass --force to replace it")
@@ -193,6 +236,8 @@ def divide_dataset(path_dir, output_dir, training_size=0.6, validation_size=0.2,
         raise UserError(f"{output_dir} already holds {'/'.join(existing)} folders not made by this script — "
                         "choose another output_dir, or pass --force to replace them")
     (output_dir / "models").mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:
+        remove_partials(output_dir / split)
     write_split_csv(output_dir, rows)
     todo = [row for row in rows if not destination(output_dir, row).exists()]
     for row in tqdm(todo, desc="move" if move else "copy", unit="file", disable=not progress or not todo):
@@ -212,7 +257,7 @@ def main(path_dir: Path = path_dir,                # the raw dataset as download
          random_state: int = random_state,         # seed of the split
          cropped: bool = cropped,                  # SIPaKMeD: divide the CROPPED single-cell images instead
          move: bool = move,                        # move the files out of path_dir instead of copying them
-         force: bool = force):                     # delete a different division already in output_dir and divide again
+         force: bool = force):                     # replace a different division in output_dir: copies are deleted, moved images put back, nothing else touched
     "Divide a raw SIPaKMeD or Herlev dataset into train/val/test per class, copying by default."
     with user_errors():
         table, transferred = divide_dataset(path_dir, output_dir, training_size, validation_size, testing_size,

@@ -4,6 +4,7 @@ generate raw SIPaKMeD + Herlev → divide → Extended DA → R50 → Triple Tra
 Each step runs the project's script from the command line, exactly as a user would (the commands are
 printed), so the demo doubles as a worked example.
 """
+import os
 import shlex
 import subprocess
 import sys
@@ -16,8 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_step(title, script, **options):
-    "Run one project script with `options` as its command-line flags; stop the demo if it fails."
-    command = [sys.executable, str(ROOT / script)]
+    """Run one project script with `options` as its command-line flags, from the working directory and with
+    paths as given (relative ones stay relative, as a user types them); stop the demo if it fails."""
+    command = [sys.executable, os.path.relpath(ROOT / script)]
     for key, value in options.items():
         flag = f"--{key.replace('_', '-').lower()}"
         if value is True:
@@ -28,7 +30,7 @@ def run_step(title, script, **options):
             command += [flag, str(value)]
     print(f"\n=== {title}\n$ {shlex.join([Path(command[0]).name, *command[1:]])}", flush=True)
     start = time.perf_counter()
-    if subprocess.run(command, cwd=ROOT).returncode != 0:
+    if subprocess.run(command).returncode != 0:
         raise SystemExit(f"demo stopped: {script} failed (see above)")
     print(f"--- {title}: {time.perf_counter() - start:.0f} s", flush=True)
 
@@ -44,7 +46,6 @@ def main(out: Path = Path("demo_output"),  # everything the demo makes goes here
          ttl_lr: float = 0.001,            # TTL stages fine-tune trained weights: the usual rate
          seed: int = 0):                   # demo data seed
     "Run the whole Deep Cervical Cancer procedure on synthetic Pap-smear data."
-    out = out.absolute()
     raw, sipakmed, herlev, extended = out / "raw", out / "sipakmed", out / "herlev", out / "sipakmed_extended"
     cache = round(image_size * 1.15)
     run_step("1. synthetic raw datasets", "demo/synthetic_papsmear.py", out=raw, n_sipakmed=n_sipakmed,

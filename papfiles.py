@@ -1,0 +1,168 @@
+"""File rules and user errors shared by every script: which files are samples, how user paths are read and
+compared, which numbers and names an option may take, and how outputs are written so that a kill never
+leaves half a file.
+
+Nothing here imports torch or fastai: the division and augmentation scripts build on this module alone and
+start in about a second. TTLR50.py (data and learners) builds on it; the scripts sit on top of both.
+"""
+import errno
+import filecmp
+import os
+import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff")
+PARTIAL = ".partial"  # suffix of files being written; see atomic_output
+
+
+class UserError(Exception):
+    "A problem with the user's input or files: shown as one line, never a traceback."
+    def __init__(self, message, code=2):
+        super().__init__(message)
+        self.code = code
+
+
+def describe_os_error(error):
+    "One line for an operating-system error on a user's path: what failed, where, and what to do."
+    where = error.filename or str(error).splitlines()[0]
+    advice = {errno.EACCES: "check its permissions or choose another folder",
+              errno.EPERM: "check its permissions or choose another folder",
+              errno.EROFS: "it is on a read-only file system: choose another folder",
+              errno.ENOSPC: "the disk is full: free some space or choose another folder",
+              errno.ENOTDIR: "a file stands where a folder is needed: choose another path",
+              errno.EEXIST: "a file stands where a folder is needed: choose another path",
+              errno.EISDIR: "a folder stands where a file is needed: choose another path"}
+    return f"cannot use {where} ({error.strerror or type(error).__name__}) — " \
+           f"{advice.get(error.errno, 'check that the path exists and is the right kind of file or folder')}"
+
+
+@contextmanager
+def user_errors():
+    """Print a `UserError`, or an operating-system error on a user's path (an output folder that is
+    read-only, missing, or a file), as one line on stderr and exit with its code (2 = bad input)."""
+    try:
+        yield
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(e.code) from None
+    except OSError as e:
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def user_path(path):
+    """A user's path made absolute against the working directory, `~` expanded and `..` folded, links kept
+    (so messages show the path as the user named it). Every script reads its path options through this."""
+    return Path(os.path.abspath(Path(path).expanduser()))
+
+
+def is_inside(path, folder):
+    "True when `path` is `folder` or lies under it, comparing the real locations (links and `..` resolved)."
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
+def check_positive(**values):
+    "Refuse any option (name=value; None means unset) that is not greater than 0."
+    for name, value in values.items():
+        if value is not None and not value > 0:
+            raise UserError(f"{name} is {value}; it must be greater than 0 — set --{name.replace('_', '-').lower()}")
+
+
+def check_not_negative(**values):
+    "Refuse any option (name=value; None means unset) below 0."
+    for name, value in values.items():
+        if value is not None and not value >= 0:
+            raise UserError(f"{name} is {value}; it must be 0 or more — set --{name.replace('_', '-').lower()}")
+
+
+def check_file_name(name, what="save_loc"):
+    "Refuse a name for files under models/ that is empty, holds a folder separator, or is `.`/`..`."
+    if not name or name in (".", "..") or "/" in name or os.sep in name or "\0" in name:
+        raise UserError(f"{what} {name!r} must be a plain name without folders (it names files under models/) "
+                        f"— e.g. --{what.replace('_', '-')} resnet50")
+    return name
+
+
+def is_sample_image(path):
+    "True for an image file that is a sample: not a Herlev segmentation mask (`*-d.bmp`), not hidden."
+    name = path.name.lower()
+    return (path.suffix.lower() in IMAGE_EXTENSIONS and not path.stem.lower().endswith("-d")
+            and not name.startswith("."))
+
+
+def sample_images(folder):
+    "Sample images under `folder`, sorted, following linked folders (each real folder visited once)."
+    found, seen = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back to a folder already walked
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(root) / f for f in files if is_sample_image(Path(root) / f)]
+    return sorted(found)
+
+
+def class_names(folder):
+    "Sorted names of the class folders in `folder` that hold at least one sample image (fastai's vocab order)."
+    return sorted(p.name for p in Path(folder).iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and any(is_sample_image(f) for f in p.iterdir()))
+
+
+def available_cpus():
+    "CPU cores this process may use."
+    return len(os.sched_getaffinity(0))
+
+
+@contextmanager
+def atomic_output(path):
+    """Yield a temporary name beside `path` to write to; when the block ends without error it replaces
+    `path` in one step, so `path` is either absent, the old file, or complete — never half-written."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}{PARTIAL}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def copy_atomically(source, target):
+    "Copy a file (the content behind a link) with its time stamps, through `atomic_output`."
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(target) as tmp:
+        shutil.copy2(source, tmp)
+
+
+def remove_partials(folder):
+    "Delete the temporary files a killed run left under `folder` (only names `atomic_output` makes)."
+    for tmp in Path(folder).rglob(f".*{PARTIAL}"):
+        tmp.unlink(missing_ok=True)
+
+
+def same_file_content(a, b):
+    "True when two files hold the same bytes (equal size and time stamps count as equal, as for a copy2)."
+    return Path(a).is_file() and Path(b).is_file() and filecmp.cmp(a, b, shallow=True)
+
+
+def unreadable(file):
+    "The reason `file` cannot be decoded as an image, or None when it can."
+    try:
+        with Image.open(file) as image:
+            image.load()
+    except Exception as e:  # PIL raises many kinds for a broken file
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def unreadable_images(files):
+    "{file: reason} for each of `files` that cannot be decoded, decoding them in parallel threads."
+    with ThreadPoolExecutor(available_cpus()) as pool:
+        return {f: problem for f, problem in zip(files, pool.map(unreadable, files)) if problem}

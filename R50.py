@@ -14,9 +14,10 @@ path_folder = Path("data/sipakmed_formatted")  # formatted dataset: train/ val/ 
 save_loc = "resnet50"           # weights name: path_folder/models/<save_loc>.pth
 model_path = None               # a .pth to start from (resume / fine-tune); same classes as the data
 export_path = None              # exported learner; default path_folder/models/<save_loc>.pkl
-epochs = 50                     # one-cycle epochs
-batch_size = 10
-lr = 0.001                      # maximum learning rate of the one-cycle schedule
+recipe = "original"             # "original" (its hyper-parameters) or "modern" (README: Training recipes)
+epochs = None                   # None: the recipe's (original 50, modern 100)
+batch_size = None               # None: the recipe's (original 10, modern 32)
+lr = None                       # maximum learning rate; None: the recipe's (original 0.001, modern 0.003)
 image_size = 224                # images are resized (and cropped) to image_size x image_size
 pretrained = True               # start from ImageNet weights (downloaded once into torch's hub cache)
 pretrained_weights = None       # or: a local torchvision ResNet50 state-dict file to start from
@@ -35,21 +36,27 @@ def find_lr(learn, png):
     return suggestion.valley
 
 
-def train_r50(path_folder, save_loc=save_loc, model_path=None, export_path=None, epochs=epochs,
-              batch_size=batch_size, lr=lr, image_size=image_size, pretrained=True, pretrained_weights=None,
-              seed=42, lr_find=False, workers=None, cache_size=None):
-    "Build, optionally resume, train, save and export; returns `TTLR50.train_and_save`'s summary."
+def train_r50(path_folder, save_loc=save_loc, model_path=None, export_path=None, epochs=None, batch_size=None,
+              lr=None, image_size=image_size, pretrained=True, pretrained_weights=None, seed=42, lr_find=False,
+              workers=None, cache_size=None, recipe="original"):
+    """Build, optionally resume, train with `recipe` (epochs, batch_size and lr left None take the recipe's),
+    save and export; returns `TTLR50.train_and_save`'s summary."""
+    settings = TTLR50.recipe_settings(recipe)
+    epochs, batch_size, lr = (settings[k] if v is None else v
+                              for k, v in dict(epochs=epochs, batch_size=batch_size, lr=lr).items())
     TTLR50.check_training_options(save_loc, epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
                                   workers=workers, cache_size=cache_size)
-    dls = TTLR50.pap_dls(path_folder, image_size, batch_size, seed, workers, cache_size)
+    dls = TTLR50.pap_dls(path_folder, image_size, batch_size, seed, workers, cache_size, recipe)
     starts_from_file = model_path is not None
-    learn = TTLR50.pap_learner(dls, pretrained and not starts_from_file, pretrained_weights, path=path_folder)
+    learn = TTLR50.pap_learner(dls, pretrained and not starts_from_file, pretrained_weights, path=path_folder,
+                               recipe=recipe)
     if starts_from_file:
         TTLR50.load_weights(learn, model_path)
     if lr_find:
         png = Path(path_folder) / "models" / f"{save_loc}_lr_find.png"
         print(f"lr_find suggests lr = {find_lr(learn, png):.2e} (plot: {png}); training with lr = {lr:g}")
-    return TTLR50.train_and_save(learn, epochs, lr, save_loc, export_path, image_size)
+    print(f"recipe {recipe}: {epochs} epochs, batch size {batch_size}, lr {lr:g}")
+    return TTLR50.train_and_save(learn, epochs, lr, save_loc, export_path, image_size, recipe)
 
 
 @call_parse
@@ -57,9 +64,10 @@ def main(path_folder: Path = path_folder,        # formatted dataset: train/ val
          save_loc: str = save_loc,                # weights name: path_folder/models/<save_loc>.pth
          model_path: Path = model_path,           # a .pth to start from (resume / fine-tune)
          export_path: Path = export_path,         # exported learner (default: path_folder/models/<save_loc>.pkl)
-         epochs: int = epochs,                    # one-cycle epochs
-         batch_size: int = batch_size,            # images per batch
-         lr: float = lr,                          # maximum learning rate of the one-cycle schedule
+         recipe: str = recipe,                    # original (the default) or modern; see the README's Training recipes
+         epochs: int = epochs,                    # epochs (default: the recipe's, original 50, modern 100)
+         batch_size: int = batch_size,            # images per batch (default: the recipe's, original 10, modern 32)
+         lr: float = lr,                          # maximum learning rate (default: the recipe's, 0.001 / 0.003)
          image_size: int = image_size,            # training image side in pixels
          pretrained: bool = pretrained,           # start from ImageNet weights (needs them downloaded once)
          pretrained_weights: Path = pretrained_weights,  # a local torchvision ResNet50 state-dict file instead
@@ -69,8 +77,10 @@ def main(path_folder: Path = path_folder,        # formatted dataset: train/ val
          cache_size: int = cache_size):           # train from a cache resized once to this shorter side
     "Train a ResNet50 on a formatted Pap-smear dataset; save the best weights and export the learner."
     with TTLR50.user_errors():
-        result = train_r50(path_folder, save_loc, model_path, export_path, epochs, batch_size, lr, image_size,
-                           pretrained, pretrained_weights, seed, lr_find, workers, cache_size)
+        result = train_r50(path_folder, save_loc=save_loc, model_path=model_path, export_path=export_path,
+                           epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, pretrained=pretrained,
+                           pretrained_weights=pretrained_weights, seed=seed, lr_find=lr_find, workers=workers,
+                           cache_size=cache_size, recipe=recipe)
         print(result["scores"].round(4).to_string())
         for key in ("weights", "classes", "export", "log", "curves"):
             print(f"{key:>8}: {result[key]}")

@@ -24,6 +24,7 @@ lr = TTLR50.lr                                     # both stages
 image_size = TTLR50.image_size
 save_loc = TTLR50.save_loc                         # final model name, under sipakmed_path/models/
 start_stage = 1                                    # 2: skip Herlev, start from its saved weights
+recipe = "original"                                # training recipe of both stages: original or modern
 seed = 42
 workers = None                                     # data loader processes (default: one per core on a GPU, none on CPU)
 cache_size = None                                  # train from images resized once to this shorter side
@@ -34,8 +35,10 @@ def triple_transfer(previous_model_DA, herlev_path, sipakmed_path, current_class
                     output_classes_of_next_dataset=5, herlev_epochs=10, herlev_batch_size=5,
                     herlev_save_loc=herlev_save_loc, epochs=epochs, batch_size=batch_size, lr=lr,
                     image_size=image_size, save_loc=save_loc, start_stage=1, seed=42, workers=None,
-                    cache_size=None):
-    "Run the Herlev stage (unless start_stage is 2) and the SIPaKMeD stage; returns each stage's summary."
+                    cache_size=None, recipe="original"):
+    """Run the Herlev stage (unless start_stage is 2) and the SIPaKMeD stage, each with `recipe`'s
+    augmentation, loss and schedule (the numbers given here stay); returns each stage's summary."""
+    TTLR50.recipe_settings(recipe)
     if start_stage not in (1, 2):
         raise TTLR50.UserError(f"start_stage is {start_stage}; it must be 1 (Herlev, then SIPaKMeD) or 2")
     TTLR50.check_file_name(herlev_save_loc, "herlev_save_loc")
@@ -54,11 +57,11 @@ def triple_transfer(previous_model_DA, herlev_path, sipakmed_path, current_class
             raise TTLR50.UserError(f"previous_model_DA {previous_model_DA} does not exist — train R50.py on the "
                                    "Extended DA dataset first and point previous_model_DA to its .pth")
         results["herlev"] = TTLR50.ttl_stage(herlev_path, previous_model_DA, herlev_save_loc, herlev_epochs,
-                                             herlev_batch_size, lr, image_size, seed, workers, cache_size)
+                                             herlev_batch_size, lr, image_size, seed, workers, cache_size, recipe)
     elif not herlev_weights.is_file():
         raise TTLR50.UserError(f"start_stage 2 needs the Herlev stage's weights {herlev_weights} — run stage 1 first")
     results["sipakmed"] = TTLR50.ttl_stage(sipakmed_path, herlev_weights, save_loc, epochs, batch_size, lr,
-                                           image_size, seed, workers, cache_size)
+                                           image_size, seed, workers, cache_size, recipe)
     return results
 
 
@@ -79,13 +82,17 @@ def main(previous_model_DA: Path = previous_model_DA,          # R50.py's .pth t
          start_stage: int = start_stage,                       # 2: skip Herlev and start from its saved weights
          seed: int = seed,                                     # random seed
          workers: int = workers,                               # data loader processes (default: one per core on GPU, none on CPU)
-         cache_size: int = cache_size):                        # train from a cache resized once to this side
+         cache_size: int = cache_size,                         # train from a cache resized once to this side
+         recipe: str = recipe):                                # original or modern (augmentation, loss, schedule)
     "Triple Transfer Learning: Extended DA weights → Herlev (7 classes) → SIPaKMeD (5 classes)."
     with TTLR50.user_errors():
-        results = triple_transfer(previous_model_DA, herlev_path, sipakmed_path, current_classes_of_dataset,
-                                  output_classes_of_next_dataset, herlev_epochs, herlev_batch_size,
-                                  herlev_save_loc, epochs, batch_size, lr, image_size, save_loc, start_stage,
-                                  seed, workers, cache_size)
+        results = triple_transfer(previous_model_DA, herlev_path, sipakmed_path,
+                                  current_classes_of_dataset=current_classes_of_dataset,
+                                  output_classes_of_next_dataset=output_classes_of_next_dataset,
+                                  herlev_epochs=herlev_epochs, herlev_batch_size=herlev_batch_size,
+                                  herlev_save_loc=herlev_save_loc, epochs=epochs, batch_size=batch_size, lr=lr,
+                                  image_size=image_size, save_loc=save_loc, start_stage=start_stage, seed=seed,
+                                  workers=workers, cache_size=cache_size, recipe=recipe)
         for stage, result in results.items():
             print(f"{stage} stage: validation accuracy {result['scores'].loc['validation', 'accuracy']:.4f}, "
                   f"weights {result['weights']}")

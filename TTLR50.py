@@ -19,8 +19,8 @@ import pandas as pd
 import torch
 # fastai 2.8 still calls torch.jit.script at import, which this torch announces as deprecated on every run.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
-from fastai.callback.all import CSVLogger, SaveModelCallback
-from fastai.losses import CrossEntropyLossFlat
+from fastai.callback.all import CSVLogger, MixUp, SaveModelCallback
+from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
 from fastai.metrics import accuracy, skm_to_fastai
 from fastai.torch_core import default_device, set_seed
 from fastai.vision.all import (Datasets, ImageDataLoaders, IntToFloatTensor, Normalize, PILImage, Resize, ToTensor,
@@ -44,6 +44,33 @@ image_size = 224                     # training image side in pixels
 # ---------------------------------------------------------------------------------------------------
 
 DOWNLOAD_TIMEOUT = 60  # seconds without an answer before the ImageNet download counts as offline
+
+# Training recipes. `original`: the original's hyper-parameters and fastai's default augmentation.
+# `modern`: fastai's practice for training on little data from scratch, each ingredient a fastai transform,
+# loss or callback; chosen by benchmarks/accuracy.py on real Herlev cells (README, "Training recipes").
+RECIPES = {
+    "original": dict(epochs=50, batch_size=10, lr=1e-3, max_zoom=1.1, flip_vert=False, max_rotate=10.0,
+                     label_smoothing=0.0, mixup=0.0, schedule="one_cycle", wd=None),
+    "modern": dict(epochs=100, batch_size=32, lr=3e-3, max_zoom=1.6, flip_vert=True, max_rotate=180.0,
+                   label_smoothing=0.1, mixup=0.4, schedule="flat_cos", wd=0.05),
+}
+# The settings each ingredient of `modern` changes; "modern-<ingredient>" keeps the original's instead.
+INGREDIENTS = {"zoom": ["max_zoom"], "rotation": ["flip_vert", "max_rotate"], "smoothing": ["label_smoothing"],
+               "mixup": ["mixup"], "schedule": ["schedule"], "wd": ["wd"],
+               "long": ["epochs", "batch_size", "lr"]}
+
+
+def recipe_settings(recipe="original"):
+    """The settings of a recipe: `original`, `modern`, or `modern-<ingredient>` (modern without one
+    ingredient, for ablations: zoom, rotation, smoothing, mixup, schedule, wd, long)."""
+    base, _, without = recipe.partition("-")
+    if base not in RECIPES or (without and (base != "modern" or without not in INGREDIENTS)):
+        raise UserError(f"recipe {recipe!r} is unknown — use original, modern, or modern-<ingredient> with an "
+                        f"ingredient from {', '.join(INGREDIENTS)}")
+    settings = dict(RECIPES[base])
+    for key in INGREDIENTS.get(without, []):
+        settings[key] = RECIPES["original"][key]
+    return settings
 
 
 def speed_settings(device_type, bf16_supported=False, workers=None):
@@ -128,12 +155,17 @@ def build_cache(path_folder, cache_size, splits=("train", "val"), progress=True)
     return root
 
 
-def pap_transforms(image_size):
-    "Item and batch transforms shared by training and prediction: resize, augment (training only), normalise."
-    return [Resize(image_size)], [*aug_transforms(), Normalize.from_stats(*imagenet_stats)]
+def pap_transforms(image_size, recipe="original"):
+    """Item and batch transforms shared by training and prediction: resize, augment (training only: the
+    recipe's zoom, flips and rotation), normalise. Validation and prediction are the same for every recipe."""
+    settings = recipe_settings(recipe)
+    augment = aug_transforms(max_zoom=settings["max_zoom"], flip_vert=settings["flip_vert"],
+                             max_rotate=settings["max_rotate"])
+    return [Resize(image_size)], [*augment, Normalize.from_stats(*imagenet_stats)]
 
 
-def pap_dls(path_folder, image_size=image_size, batch_size=batch_size, seed=42, workers=None, cache_size=None):
+def pap_dls(path_folder, image_size=image_size, batch_size=batch_size, seed=42, workers=None, cache_size=None,
+            recipe="original"):
     """DataLoaders over path_folder/train and path_folder/val (class sub-folders), built the same way for
     every script; with `cache_size`, training reads the decoded-image cache instead of the sources.
     Refuses a batch larger than the training set, which would train no step at all."""
@@ -143,7 +175,7 @@ def pap_dls(path_folder, image_size=image_size, batch_size=batch_size, seed=42, 
     check_formatted(path_folder)
     settings = current_speed_settings(workers)
     source = build_cache(path_folder, cache_size) if cache_size else path_folder
-    item_tfms, batch_tfms = pap_transforms(image_size)
+    item_tfms, batch_tfms = pap_transforms(image_size, recipe)
     set_seed(seed, reproducible=True)
     dls = ImageDataLoaders.from_folder(source, train="train", valid="val", item_tfms=item_tfms,
                                        batch_tfms=batch_tfms, bs=batch_size, num_workers=settings["workers"],
@@ -214,17 +246,21 @@ def load_body_weights(learn, pretrained_weights):
     learn.model[0].load_state_dict(body.state_dict())
 
 
-def pap_learner(dls, pretrained=False, pretrained_weights=None, n_out=None, path=None):
-    """A fastai ResNet50 learner for `dls` with the project's metrics, on the best device.
+def pap_learner(dls, pretrained=False, pretrained_weights=None, n_out=None, path=None, recipe="original"):
+    """A fastai ResNet50 learner for `dls` with the project's metrics, on the best device, with the recipe's
+    loss (label smoothing or not) and weight decay.
 
     `pretrained` downloads (or reuses) the ImageNet weights; `pretrained_weights` loads a local file
     instead. On CUDA the learner trains in mixed precision and channels-last.
     """
+    settings = recipe_settings(recipe)
     if pretrained and not pretrained_weights:
         ensure_imagenet_weights()
+    loss = (LabelSmoothingCrossEntropyFlat(eps=settings["label_smoothing"]) if settings["label_smoothing"]
+            else CrossEntropyLossFlat())
     # An absolute path: fastai joins it with file names (the CSV log's among them) that may already hold it.
     learn = vision_learner(dls, resnet50, pretrained=pretrained and not pretrained_weights, n_out=n_out,
-                           loss_func=CrossEntropyLossFlat(), metrics=pap_metrics(),
+                           loss_func=loss, metrics=pap_metrics(), wd=settings["wd"],
                            path=None if path is None else user_path(path))
     if pretrained_weights:
         load_body_weights(learn, pretrained_weights)
@@ -342,10 +378,14 @@ def export_atomically(learn, export_path):
     return export_path
 
 
-def fit_naming_bad_images(learn, epochs, lr, cbs):
-    """fit_one_cycle; when an image cannot be decoded mid-training, a `UserError` naming the broken files."""
+def fit_recipe(learn, epochs, lr, cbs, recipe="original"):
+    """Fit with the recipe's schedule (one-cycle or flat-then-cosine) and MixUp; when an image cannot be
+    decoded mid-training, a `UserError` naming the broken files."""
+    settings = recipe_settings(recipe)
+    fit = learn.fit_flat_cos if settings["schedule"] == "flat_cos" else learn.fit_one_cycle
+    cbs = [*cbs, MixUp(settings["mixup"])] if settings["mixup"] else cbs
     try:
-        learn.fit_one_cycle(epochs, lr, cbs=cbs)
+        fit(epochs, lr, cbs=cbs)
     except OSError:
         files = [*learn.dls.train_ds.items, *learn.dls.valid_ds.items]
         broken = unreadable_images(files)
@@ -356,9 +396,9 @@ def fit_naming_bad_images(learn, epochs, lr, cbs):
                         "them, then run again") from None
 
 
-def train_and_save(learn, epochs, lr, save_loc, export_path=None, image_size=image_size):
-    """Train the whole network with one-cycle, keep the epoch with the best validation accuracy, save its
-    weights (.pth + class list .json), export the learner (.pkl), and write the CSV log and curves.
+def train_and_save(learn, epochs, lr, save_loc, export_path=None, image_size=image_size, recipe="original"):
+    """Train the whole network with the recipe's schedule, keep the epoch with the best validation accuracy,
+    save its weights (.pth + class list .json), export the learner (.pkl), and write the CSV log and curves.
 
     Returns a dict of the files written and the final validation/training scores."""
     models = Path(learn.path) / learn.model_dir
@@ -367,13 +407,13 @@ def train_and_save(learn, epochs, lr, save_loc, export_path=None, image_size=ima
     export_path.parent.mkdir(parents=True, exist_ok=True)
     log = models / f"{save_loc}_log.csv"
     learn.unfreeze()
-    fit_naming_bad_images(learn, epochs, lr, [SaveModelCallback(monitor="accuracy", fname=save_loc),
-                                              CSVLogger(fname=log)])
+    fit_recipe(learn, epochs, lr, [SaveModelCallback(monitor="accuracy", fname=save_loc), CSVLogger(fname=log)],
+               recipe)
     weights = save_weights(learn, save_loc, image_size)
     export_atomically(learn, export_path)
     curves = plot_training(log, models / f"{save_loc}_curves.png")
     return dict(weights=weights, classes=weights.with_suffix(".json"), export=export_path, log=log,
-                curves=curves, scores=evaluate(learn))
+                curves=curves, scores=evaluate(learn), learner=learn)
 
 
 def check_training_options(save_loc, **numbers):
@@ -384,10 +424,10 @@ def check_training_options(save_loc, **numbers):
 
 
 def ttl_stage(data_path, start_weights, save_loc=save_loc, epochs=epochs, batch_size=batch_size, lr=lr,
-              image_size=image_size, seed=42, workers=None, cache_size=None):
+              image_size=image_size, seed=42, workers=None, cache_size=None, recipe="original"):
     """One Triple Transfer Learning stage: start from `start_weights` (saved with any number of classes),
-    make the head fit the classes of `data_path`, train, then save and export under `save_loc`."""
-    dls = pap_dls(data_path, image_size, batch_size, seed, workers, cache_size)
-    learn = pap_learner(dls, pretrained=False, path=data_path)
+    make the head fit the classes of `data_path`, train with `recipe`, then save and export under `save_loc`."""
+    dls = pap_dls(data_path, image_size, batch_size, seed, workers, cache_size, recipe)
+    learn = pap_learner(dls, pretrained=False, path=data_path, recipe=recipe)
     load_weights_across_heads(learn, start_weights)
-    return train_and_save(learn, epochs, lr, save_loc, image_size=image_size)
+    return train_and_save(learn, epochs, lr, save_loc, image_size=image_size, recipe=recipe)

@@ -5,6 +5,7 @@ Writes <output_dir>/{train,val,test}/<class>/, an empty <output_dir>/models/ and
 """
 import csv
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -24,12 +25,15 @@ validation_size = 0.2                           # fraction of each class for val
 testing_size = 0.2                              # fraction of each class for testing
 random_state = 42                               # seed of the split
 cropped = False                                 # SIPaKMeD: divide the CROPPED single-cell images instead
+group_cells = True                              # with cropped: all cells of one cluster image go to one split
 move = False                                    # move the files out of path_dir instead of copying them
 force = False                                   # replace a different division already in output_dir
 # ---------------------------------------------------------------------------------------------------
 
 SPLITS = ("train", "val", "test")
 HERLEV_SUBFOLDER = "New database pictures"
+# SIPaKMeD's cropped cells are named NNN_KK.bmp: cell KK cut from cluster image NNN.bmp of the same class.
+CELL_NAME = re.compile(r"^(?P<cluster>\d+)_\d+$")
 
 
 def class_folders(path_dir, cropped=False):
@@ -94,14 +98,32 @@ def split_class(files, training_size=0.6, validation_size=0.2, testing_size=0.2,
     return train, val, test
 
 
-def plan_division(samples, sizes, random_state):
-    "Rows (file, class, split) for every sample: `samples` maps class → list of relative file names."
+def cluster_of(file):
+    "The cluster image a cropped SIPaKMeD cell was cut from: NNN of NNN_KK.bmp."
+    match = CELL_NAME.match(Path(file).stem)
+    if not match:
+        raise UserError(f"cannot tell which cluster image {file} was cut from (cells are named NNN_KK.bmp) — "
+                        "rename it, or pass --no-group-cells to divide cell by cell")
+    return match["cluster"]
+
+
+def plan_division(samples, sizes, random_state, grouped=False):
+    """Rows (file, class, split) for every sample: `samples` maps class → list of relative file names.
+
+    `grouped`: rows (file, class, split, cluster), where the original's rule splits each class's cluster
+    images (not its cells), so that the cells of one cluster image all land in one split."""
     rows = []
     for name, files in samples.items():
-        if len(files) < 3:
-            raise UserError(f"class {name} has {len(files)} image(s); at least 3 are needed to split it 3 ways")
-        for split, part in zip(SPLITS, split_class(files, *sizes, random_state=random_state)):
-            rows += [(file, name, split) for file in part]
+        units = sorted({cluster_of(f) for f in files}) if grouped else files
+        if len(units) < 3:
+            what = "cluster image(s)" if grouped else "image(s)"
+            raise UserError(f"class {name} has {len(units)} {what}; at least 3 are needed to split it 3 ways")
+        for split, part in zip(SPLITS, split_class(units, *sizes, random_state=random_state)):
+            if grouped:
+                part = set(part)
+                rows += [(file, name, split, cluster_of(file)) for file in files if cluster_of(file) in part]
+            else:
+                rows += [(file, name, split) for file in part]
     return sorted(rows)
 
 
@@ -116,8 +138,9 @@ def read_split_csv(output_dir):
 
 def write_split_csv(output_dir, rows):
     "Record the division atomically, so an interrupted run never leaves half a split.csv."
+    header = ("file", "class", "split", "group")[:len(rows[0])]
     with atomic_output(Path(output_dir) / "split.csv") as tmp, tmp.open("w", newline="") as f:
-        csv.writer(f).writerows([("file", "class", "split"), *rows])
+        csv.writer(f).writerows([header, *rows])
 
 
 def check_apart(path_dir, output_dir):
@@ -132,8 +155,8 @@ def check_apart(path_dir, output_dir):
 
 
 def destination(output_dir, row):
-    "Where one row (file, class, split) of the division puts its file."
-    file, name, split = row
+    "Where one row (file, class, split[, group]) of the division puts its file."
+    file, name, split = row[:3]
     return Path(output_dir) / split / name / Path(file).name
 
 
@@ -159,7 +182,7 @@ def plan_removal(path_dir, output_dir, recorded, planned):
     back into path_dir). A file counts as a copy when an image of path_dir with its class and name holds
     the same bytes. Refuses when a split folder holds a file that exists nowhere else."""
     recorded_at = {destination(output_dir, row): path_dir / row[0] for row in recorded or []}
-    by_name = {(name, Path(file).name): path_dir / file for file, name, _ in [*planned, *(recorded or [])]}
+    by_name = {(name, Path(file).name): path_dir / file for file, name, *_ in [*planned, *(recorded or [])]}
     copies, moved, unique = [], [], []
     for split in SPLITS:
         for file in sorted(p for p in (output_dir / split).rglob("*") if not p.is_dir()):
@@ -192,18 +215,27 @@ def remove_division(path_dir, output_dir, recorded, planned):
 
 
 def summary_table(samples, skipped, rows):
-    "Per class: images found, train, val, test and other files skipped."
-    counts = pd.DataFrame(rows, columns=["file", "class", "split"]).groupby(["class", "split"]).size()
+    """Per class: images found, train, val, test and other files skipped; for a grouped division also the
+    cluster images per split (train_groups, val_groups, test_groups)."""
+    rows = pd.DataFrame(rows, columns=["file", "class", "split", "group"][:len(rows[0])])
+    counts = rows.groupby(["class", "split"]).size()
     table = pd.DataFrame({"found": {k: len(v) for k, v in samples.items()}, "skipped": skipped})
     for split in SPLITS:
         table[split] = [int(counts.get((name, split), 0)) for name in table.index]
+    columns = ["found", *SPLITS, "skipped"]
+    if "group" in rows:
+        groups = rows.groupby(["class", "split"])["group"].nunique()
+        for split in SPLITS:
+            table[f"{split}_groups"] = [int(groups.get((name, split), 0)) for name in table.index]
+        columns += [f"{split}_groups" for split in SPLITS]
     table.loc["total"] = table.sum()
-    return table[["found", *SPLITS, "skipped"]]
+    return table[columns]
 
 
 def divide_dataset(path_dir, output_dir, training_size=0.6, validation_size=0.2, testing_size=0.2,
-                   random_state=42, cropped=False, move=False, force=False, progress=True):
-    """Divide the raw dataset in `path_dir` into `output_dir`/{train,val,test}/<class>.
+                   random_state=42, cropped=False, move=False, force=False, progress=True, group_cells=True):
+    """Divide the raw dataset in `path_dir` into `output_dir`/{train,val,test}/<class>; with `cropped` and
+    `group_cells`, by cluster image (all cells cut from one cluster image land in one split).
 
     Returns (summary table, number of files transferred now). A rerun with the same inputs transfers
     nothing; an interrupted run is completed; a different division already there is refused unless `force`.
@@ -218,14 +250,15 @@ def divide_dataset(path_dir, output_dir, training_size=0.6, validation_size=0.2,
         found[name] = [p.relative_to(path_dir).as_posix() for p in files]
     recorded = read_split_csv(output_dir)
     # Files an earlier --move took out of path_dir still belong to the dataset (force puts them back first).
-    for file, name, split in recorded or []:
+    for file, name, split, *_ in recorded or []:
         if not (path_dir / file).exists() and destination(output_dir, (file, name, split)).exists():
             found.setdefault(name, []).append(file)
     for name, files in found.items():
         if not files:
             raise UserError(f"no images found in {folders[name]} — is path_dir the unzipped SIPaKMeD or Herlev folder?")
         found[name] = sorted(set(files))
-    rows = plan_division(found, (training_size, validation_size, testing_size), random_state)
+    rows = plan_division(found, (training_size, validation_size, testing_size), random_state,
+                         grouped=cropped and group_cells)
     existing = [s for s in SPLITS if (output_dir / s).is_dir() and any((output_dir / s).iterdir())]
     if force and (recorded is not None or existing):
         remove_division(path_dir, output_dir, recorded, rows)
@@ -256,13 +289,18 @@ def main(path_dir: Path = path_dir,                # the raw dataset as download
          testing_size: float = testing_size,       # fraction of each class for testing
          random_state: int = random_state,         # seed of the split
          cropped: bool = cropped,                  # SIPaKMeD: divide the CROPPED single-cell images instead
+         group_cells: bool = group_cells,          # with cropped: keep each cluster image's cells in one split (--no-group-cells: cell by cell)
          move: bool = move,                        # move the files out of path_dir instead of copying them
          force: bool = force):                     # replace a different division in output_dir: copies are deleted, moved images put back, nothing else touched
     "Divide a raw SIPaKMeD or Herlev dataset into train/val/test per class, copying by default."
     with user_errors():
         table, transferred = divide_dataset(path_dir, output_dir, training_size, validation_size, testing_size,
-                                            random_state, cropped, move, force)
+                                            random_state, cropped, move, force, group_cells=group_cells)
         print(table.to_string())
+        if cropped:
+            print("Divided by cluster image: the cells NNN_KK of one cluster image NNN are all in one split"
+                  if group_cells else "Divided cell by cell (--no-group-cells): cells of one cluster image may "
+                  "fall into different splits, which makes test scores optimistic")
         if transferred:
             print(f"{'Moved' if move else 'Copied'} {transferred} files into {output_dir}; the division is in {output_dir / 'split.csv'}")
         else:

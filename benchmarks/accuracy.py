@@ -1,0 +1,143 @@
+"""Accuracy of training recipes, measured as mean ± std over repeated runs: train each recipe on a formatted
+dataset for several seeds (optionally on k stratified, group-aware folds), evaluate every model on its test
+split with and without test-time augmentation, and print and write per-run rows and the summary.
+
+    python benchmarks/accuracy.py --path-folder ../herlev_formatted --recipes original modern --seeds 0 1 2
+
+Writes <out>/runs.csv (one row per run), <out>/summary.csv (mean, std per recipe) and <out>/accuracy.png.
+Rows are appended as runs finish, so a stopped benchmark keeps what it measured.
+"""
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import TTLR50  # noqa: E402,I001  first: it quiets a deprecation warning that importing fastai prints
+
+import pandas as pd  # noqa: E402
+from fastcore.script import call_parse  # noqa: E402
+from sklearn.metrics import accuracy_score, f1_score  # noqa: E402
+from sklearn.model_selection import StratifiedGroupKFold  # noqa: E402
+
+import Inference_FastAI  # noqa: E402
+import R50  # noqa: E402
+from implementation_DatasetDivision import SPLITS, read_split_csv  # noqa: E402
+
+SCORES = ["accuracy", "accuracy_tta", "macro_f1", "macro_f1_tta"]
+
+
+def test_scores(learn, test_folder, batch_size=64):
+    "Accuracy and macro F1 of `learn` on a labelled test folder, plain and with test-time augmentation."
+    files, labels, _ = Inference_FastAI.list_inputs(test_folder)
+    classes = list(map(str, learn.dls.vocab))
+    truth = [classes.index(label) for label in labels]
+    scores = {}
+    for suffix, tta in (("", False), ("_tta", True)):
+        predicted = Inference_FastAI.predict_files(learn, files, batch_size, tta=tta).argmax(1)
+        scores[f"accuracy{suffix}"] = accuracy_score(truth, predicted)
+        scores[f"macro_f1{suffix}"] = f1_score(truth, predicted, average="macro")
+    return scores
+
+
+def fold_datasets(path_folder, folds, seed, out):
+    """k formatted datasets over all images of `path_folder` (train+val+test): fold i tests on part i,
+    validates on part i+1 and trains on the rest; parts are stratified by class and keep each group of
+    split.csv (the cluster image of a cropped cell) together. Images are linked, not copied."""
+    images = sorted((p, p.parent.name) for split in SPLITS for p in (path_folder / split).glob("*/*")
+                    if TTLR50.is_sample_image(p))
+    groups_by_file = {Path(row[0]).name: row[3] for row in read_split_csv(path_folder) or [] if len(row) > 3}
+    groups = [f"{label}/{groups_by_file.get(p.name, p.name)}" for p, label in images]
+    labels = [label for _, label in images]
+    parts = [test for _, test in StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
+             .split(images, labels, groups)]
+    datasets = []
+    for fold in range(folds):
+        root = out / f"fold{fold}"
+        roles = {"test": parts[fold], "val": parts[(fold + 1) % folds]}
+        for split in SPLITS:
+            indices = roles.get(split, [i for k, part in enumerate(parts) if k not in (fold, (fold + 1) % folds)
+                                        for i in part])
+            for i in indices:
+                link = root / split / labels[i] / images[i][0].name
+                link.parent.mkdir(parents=True, exist_ok=True)
+                if not link.is_symlink():
+                    link.symlink_to(images[i][0].resolve())
+        (root / "models").mkdir(exist_ok=True)
+        datasets.append(root)
+    return datasets
+
+
+def summarise(runs):
+    "Mean, std (sample, n-1) and number of runs of every score, per recipe, in the order first run."
+    grouped = runs.groupby("recipe", sort=False)[SCORES + ["seconds"]]
+    table = grouped.agg(["mean", "std"])
+    table.columns = [f"{score}_{stat}" for score, stat in table.columns]
+    table.insert(0, "runs", grouped.size())
+    return table
+
+
+def plot_summary(runs, png):
+    "Per recipe: each run's test accuracy as a dot and the mean ± std as a bar with an error line."
+    summary = summarise(runs)
+    fig, ax = TTLR50.plt.subplots(figsize=(1.4 * len(summary) + 3, 4))
+    x = range(len(summary))
+    ax.bar(x, summary["accuracy_mean"], yerr=summary["accuracy_std"].fillna(0), color="#9ecae1", capsize=6)
+    for i, recipe in enumerate(summary.index):
+        ax.plot([i] * (runs.recipe == recipe).sum(), runs.loc[runs.recipe == recipe, "accuracy"], "ko", ms=4)
+    ax.set_xticks(list(x), summary.index, rotation=20)
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title("test accuracy per recipe: runs (dots), mean ± std (bars)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    TTLR50.plt.close(fig)
+
+
+def format_summary(summary):
+    "The summary as a reader wants it: mean ± std per score, in percent."
+    return pd.DataFrame({"runs": summary["runs"], "seconds": summary["seconds_mean"].round(0), **{
+        score: [f"{100 * m:.1f} ± {100 * s:.1f}" if s == s else f"{100 * m:.1f}"
+                for m, s in zip(summary[f"{score}_mean"], summary[f"{score}_std"])] for score in SCORES}},
+        index=summary.index).to_string()
+
+
+@call_parse
+def main(path_folder: Path = Path("data/herlev_formatted"),                     # formatted dataset
+         recipes: Annotated[list, {"nargs": "+", "type": str}] = ["original", "modern"],  # recipes to compare (modern-<ingredient>: without one)
+         seeds: Annotated[list, {"nargs": "+", "type": int}] = [0, 1, 2],       # one run per seed
+         folds: int = 0,                          # 0: the division's own test split; k: k group-aware folds
+         epochs: int = None,                      # default: each recipe's
+         batch_size: int = None,                  # default: each recipe's
+         lr: float = None,                        # default: each recipe's
+         image_size: int = 224,                   # training image side in pixels
+         workers: int = None,                     # data loader processes (default as R50.py)
+         out: Path = None):                       # results folder (default: path_folder/models/accuracy)
+    "Train and test each recipe for each seed (and fold); print and write per-run scores and mean ± std."
+    with TTLR50.user_errors():
+        path_folder = TTLR50.user_path(path_folder)
+        out = TTLR50.user_path(out or path_folder / "models" / "accuracy")
+        out.mkdir(parents=True, exist_ok=True)
+        datasets = fold_datasets(path_folder, folds, seeds[0], out) if folds else [path_folder]
+        rows = []
+        for recipe in recipes:
+            for seed in seeds:
+                for fold, dataset in enumerate(datasets):
+                    start = time.perf_counter()
+                    result = R50.train_r50(dataset, save_loc=f"accuracy_{recipe}_seed{seed}", epochs=epochs,
+                                           batch_size=batch_size, lr=lr, image_size=image_size, pretrained=False,
+                                           seed=seed, workers=workers, recipe=recipe)
+                    scores = test_scores(result["learner"], dataset / "test")
+                    rows.append(dict(recipe=recipe, seed=seed, fold=fold, **scores,
+                                     val_accuracy=result["scores"].loc["validation", "accuracy"],
+                                     seconds=round(time.perf_counter() - start, 1)))
+                    runs = pd.DataFrame(rows)
+                    runs.to_csv(out / "runs.csv", index=False)
+                    print(f"\n== {recipe} seed {seed} fold {fold}: test accuracy {scores['accuracy']:.4f} "
+                          f"(TTA {scores['accuracy_tta']:.4f}), macro F1 {scores['macro_f1']:.4f}", flush=True)
+        summary = summarise(runs)
+        summary.to_csv(out / "summary.csv")
+        plot_summary(runs, out / "accuracy.png")
+        print(runs.round(4).to_string(index=False))
+        print(f"\n{format_summary(summary)}\n\nruns: {out / 'runs.csv'}, summary: {out / 'summary.csv'}, "
+              f"plot: {out / 'accuracy.png'}")

@@ -3,7 +3,8 @@ or predict a single image or a folder of unlabelled images.
 
 model_path may be the exported learner (.pkl, unpickled by fastai: only load files you trust) or the
 weights (.pth) with the class list (.json) that R50.py / R50Herlev.py write beside them, which unpickles
-nothing. Reports go to output_dir: metrics.json, predictions.csv and confusion_matrix.png.
+nothing. Reports go to output_dir: metrics.json, predictions.csv, confusion_matrix.png, roc_curves.png,
+calibration.png, Grad-CAM overlays under gradcam/, and report.html, one page that holds them all.
 """
 import json
 from pathlib import Path
@@ -17,12 +18,16 @@ from fastai.learner import load_learner
 from fastcore.script import call_parse
 from sklearn.metrics import ConfusionMatrixDisplay, accuracy_score, classification_report, confusion_matrix
 
+import papreport
+
 # --- edit these -----------------------------------------------------------------------------------
 model_path = Path("data/sipakmed_formatted/models/resnet50_ttl_sipakmed.pkl")  # .pkl export, or .pth + .json
 test_dataset_path = Path("data/sipakmed_formatted/test")  # class folders (labelled), images, or one image
 output_dir = None      # where reports go (default: <model folder>/<model name>_inference)
 batch_size = 16        # images per prediction batch (16 ran fastest on a 2-core CPU)
 tta = False            # also predict with fastai's test-time augmentation and report both scores
+gradcam = 3            # Grad-CAM overlays: misclassified images + this many most/least confident per class; 0: none
+bootstrap = 2000       # resamples of the test images for the 95% confidence intervals (seeded)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -152,11 +157,13 @@ def predictions_table(files, labels, runs, classes):
     return table
 
 
-def evaluate_folder(model_path, test_dataset_path, output_dir=None, batch_size=batch_size, tta=False):
+def evaluate_folder(model_path, test_dataset_path, output_dir=None, batch_size=batch_size, tta=False,
+                    gradcam=gradcam, bootstrap=bootstrap):
     """Predict every image of `test_dataset_path` and write the reports. Returns a dict with the
-    predictions table, the model's classes, the metrics (labelled input), the skipped files and the
-    output folder."""
-    TTLR50.check_positive(batch_size=batch_size)
+    predictions table, the model's classes, the metrics (labelled input), the skipped files, the
+    output folder and the HTML report."""
+    TTLR50.check_positive(batch_size=batch_size, bootstrap=bootstrap)
+    TTLR50.check_not_negative(gradcam=gradcam)
     model_path = TTLR50.user_path(model_path)
     files, labels, left_out = list_inputs(test_dataset_path)
     output_dir = TTLR50.user_path(output_dir or model_path.with_name(f"{model_path.stem}_inference"))
@@ -176,10 +183,12 @@ def evaluate_folder(model_path, test_dataset_path, output_dir=None, batch_size=b
     table.to_csv(output_dir / "predictions.csv", index=False)
     result = dict(table=table, classes=classes, skipped=skipped, left_out=left_out, output_dir=output_dir,
                   metrics={})
-    if labels[0] is not None:
-        truth = [classes.index(label) for label in labels]
+    truth = None if labels[0] is None else [classes.index(label) for label in labels]
+    if truth is not None:
         for name, probabilities in runs.items():
             result["metrics"][name] = label_metrics(truth, probabilities.argmax(1), classes)
+        result["metrics"]["plain"].update(papreport.labelled_figures(truth, runs["plain"], classes, output_dir,
+                                                                      bootstrap))
         plot_confusion(result["metrics"]["plain"]["confusion_matrix"], classes, output_dir / "confusion_matrix.png",
                        f"{Path(model_path).name} on {Path(test_dataset_path).name}: "
                        f"accuracy {result['metrics']['plain']['accuracy']:.4f}")
@@ -187,6 +196,8 @@ def evaluate_folder(model_path, test_dataset_path, output_dir=None, batch_size=b
                    n_images=len(files), skipped=skipped, left_out=list(map(str, left_out)),
                    **{name: {k: v for k, v in m.items() if k != "report_text"} for name, m in result["metrics"].items()})
     (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    result["report"], result["gradcam_skipped"] = papreport.write_report(learn, files, truth, runs["plain"], classes,
+                                                                         summary, output_dir, gradcam)
     return result
 
 
@@ -195,6 +206,16 @@ def print_report(result, classes):
     for name, metrics in result["metrics"].items():
         label = "test-time augmentation" if name == "tta" else "predictions"
         print(f"\n== {label}: accuracy {metrics['accuracy']:.4f}")
+        for key, figure in metrics.get("intervals", {}).items():
+            print(f"   {key.replace('_', ' ')} {figure['value']:.4f} (95% CI {figure['low']:.4f}–{figure['high']:.4f})")
+        if "macro_auc" in metrics:
+            auc = "undefined" if metrics["macro_auc"] is None else f"{metrics['macro_auc']:.4f}"
+            print(f"   macro AUC {auc}, expected calibration error {metrics['ece']:.4f}")
+        if metrics.get("abnormal_vs_normal"):
+            screen = metrics["abnormal_vs_normal"]
+            print("   abnormal vs the rest: " + ", ".join(
+                f"{key} {'undefined' if screen[key] is None else format(screen[key], '.4f')}"
+                for key in ("sensitivity", "specificity")))
         matrix = pd.DataFrame(metrics["confusion_matrix"], index=[f"true {c}" for c in classes], columns=classes)
         print(matrix.to_string())
         print(metrics["report_text"])
@@ -205,10 +226,12 @@ def main(model_path: Path = model_path,                # .pkl export, or .pth we
          test_dataset_path: Path = test_dataset_path,  # class folders (labelled), a folder of images, or one image
          output_dir: Path = output_dir,                # reports folder (default: <model folder>/<model name>_inference)
          batch_size: int = batch_size,                 # images per prediction batch
-         tta: bool = tta):                             # also report scores with test-time augmentation
+         tta: bool = tta,                              # also report scores with test-time augmentation
+         gradcam: int = gradcam,                       # Grad-CAM overlays: misclassified + N most/least confident per class (0: off)
+         bootstrap: int = bootstrap):                  # resamples for the 95% bootstrap confidence intervals
     "Evaluate a trained Pap-smear classifier, or predict unlabelled images."
     with TTLR50.user_errors():
-        result = evaluate_folder(model_path, test_dataset_path, output_dir, batch_size, tta)
+        result = evaluate_folder(model_path, test_dataset_path, output_dir, batch_size, tta, gradcam, bootstrap)
         table = result["table"]
         if result["metrics"]:
             print_report(result, result["classes"])
@@ -219,6 +242,9 @@ def main(model_path: Path = model_path,                # .pkl export, or .pth we
         if result["left_out"]:
             print(f"left out {len(result['left_out'])} image(s) lying beside the class folders, not in one "
                   f"(e.g. {result['left_out'][0].name}): their class is unknown — move them into a class folder")
+        if result["gradcam_skipped"]:
+            print(result["gradcam_skipped"])
         print(f"\n{len(table)} images predicted, {len(result['skipped'])} skipped; reports in {result['output_dir']}")
+        print(f"report: {result['report']}")
         if result["skipped"]:
             raise SystemExit(1)

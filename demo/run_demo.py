@@ -63,5 +63,5 @@ def main(out: Path = Path("demo_output"),  # everything the demo makes goes here
              herlev_epochs=ttl_epochs, epochs=ttl_epochs, lr=ttl_lr, image_size=image_size, cache_size=cache)
     run_step("6. inference on the SIPaKMeD test split", "Inference_FastAI.py",
              model_path=sipakmed / "models" / "resnet50_ttl_sipakmed.pkl", test_dataset_path=sipakmed / "test")
-    print(f"\nDone. Everything is under {out}; the confusion matrix is "
-          f"{sipakmed / 'models' / 'resnet50_ttl_sipakmed_inference' / 'confusion_matrix.png'}")
+    print(f"\nDone. Everything is under {out}; open the evaluation report "
+          f"{sipakmed / 'models' / 'resnet50_ttl_sipakmed_inference' / 'report.html'} in a browser")

@@ -1,0 +1,281 @@
+"""The evaluation report of Inference_FastAI.py: figures with bootstrap confidence intervals, per-class ROC
+and AUC, calibration, SIPaKMeD's abnormal-vs-normal grouping, Grad-CAM overlays, and one self-contained
+HTML page (Jinja2) that holds them all. Everything here reads predictions; nothing trains.
+"""
+import base64
+import hashlib
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastai.vision.all import imagenet_stats
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score, roc_curve
+from torch import nn
+
+import TTLR50
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+# The grouping of SIPaKMeD's classes in its own paper (Plissiti et al., ICIP 2018, section 2): superficial-
+# intermediate and parabasal cells are normal, koilocytotic and dyskeratotic cells abnormal, metaplastic
+# cells benign. Screening asks "abnormal or not", so benign cells count with the normal ones as negatives.
+SIPAKMED_GROUPS = {"Dyskeratotic": "abnormal", "Koilocytotic": "abnormal", "Metaplastic": "benign",
+                   "Parabasal": "normal", "Superficial-Intermediate": "normal"}
+
+
+def bootstrap_intervals(truth, predicted, n_classes, n_resamples=2000, seed=0, level=0.95):
+    """Accuracy, macro F1 and weighted F1 with percentile bootstrap intervals: the test images are
+    resampled with replacement `n_resamples` times (seeded), each score recomputed by scikit-learn."""
+    truth, predicted = np.asarray(truth), np.asarray(predicted)
+    labels = list(range(n_classes))
+    scores = {"accuracy": accuracy_score,
+              "macro_f1": lambda t, p: f1_score(t, p, labels=labels, average="macro", zero_division=0),
+              "weighted_f1": lambda t, p: f1_score(t, p, labels=labels, average="weighted", zero_division=0)}
+    resamples = np.random.default_rng(seed).integers(0, len(truth), (n_resamples, len(truth)))
+    tail = 100 * (1 - level) / 2
+    intervals = {}
+    for name, score in scores.items():
+        samples = [score(truth[i], predicted[i]) for i in resamples]
+        low, high = np.percentile(samples, [tail, 100 - tail])
+        intervals[name] = dict(value=float(score(truth, predicted)), low=float(low), high=float(high))
+    return intervals
+
+
+def roc_per_class(truth, probabilities, classes):
+    """One-vs-rest ROC curve and AUC of every class, and the macro AUC over the classes where it is defined
+    (a class without test images, or with only its own, has no ROC: its AUC is None)."""
+    truth = np.asarray(truth)
+    curves = {}
+    for i, name in enumerate(classes):
+        positive = truth == i
+        if positive.all() or not positive.any():
+            curves[name] = dict(auc=None, fpr=[], tpr=[])
+            continue
+        fpr, tpr, _ = roc_curve(positive, probabilities[:, i])
+        curves[name] = dict(auc=float(roc_auc_score(positive, probabilities[:, i])), fpr=fpr.tolist(),
+                            tpr=tpr.tolist())
+    defined = [c["auc"] for c in curves.values() if c["auc"] is not None]
+    return curves, (float(np.mean(defined)) if defined else None)
+
+
+def abnormal_vs_normal(truth, probabilities, classes):
+    """SIPaKMeD's screening question, abnormal (Dyskeratotic, Koilocytotic) against the rest: sensitivity,
+    specificity and the AUC of the summed abnormal probability. None when the classes are not SIPaKMeD's."""
+    if sorted(classes) != sorted(SIPAKMED_GROUPS):
+        return None
+    abnormal = np.array([SIPAKMED_GROUPS[c] == "abnormal" for c in classes])
+    actual = abnormal[np.asarray(truth)]
+    called = abnormal[probabilities.argmax(1)]
+    tn, fp, fn, tp = confusion_matrix(actual, called, labels=[False, True]).ravel()
+    score = probabilities[:, abnormal].sum(1)
+    both = actual.any() and not actual.all()
+    return dict(sensitivity=float(tp / (tp + fn)) if tp + fn else None,
+                specificity=float(tn / (tn + fp)) if tn + fp else None,
+                auc=float(roc_auc_score(actual, score)) if both else None,
+                true_positive=int(tp), false_negative=int(fn), true_negative=int(tn), false_positive=int(fp),
+                groups=SIPAKMED_GROUPS)
+
+
+def calibration(probabilities, truth, n_bins=15):
+    """Expected calibration error over `n_bins` equal-width confidence bins (confidence = top probability),
+    and per bin (upper edge, images, mean confidence, accuracy) for the reliability diagram."""
+    confidence = probabilities.max(1)
+    correct = probabilities.argmax(1) == np.asarray(truth)
+    bins = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)  # (k/n, (k+1)/n]
+    table, ece = [], 0.0
+    for k in range(n_bins):
+        members = bins == k
+        if members.any():
+            gap = abs(correct[members].mean() - confidence[members].mean())
+            ece += members.mean() * gap
+            table.append(dict(upper=(k + 1) / n_bins, images=int(members.sum()),
+                              confidence=float(confidence[members].mean()), accuracy=float(correct[members].mean())))
+    return float(ece), table
+
+
+def plot_roc(curves, macro_auc, png):
+    "One-vs-rest ROC curves of every class with its AUC in the legend."
+    fig, ax = TTLR50.plt.subplots(figsize=(6.2, 5.2))
+    for name, curve in curves.items():
+        if curve["auc"] is not None:
+            ax.plot(curve["fpr"], curve["tpr"], label=f"{name} (AUC {curve['auc']:.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    ax.set(xlabel="false positive rate (1 − specificity)", ylabel="true positive rate (sensitivity)",
+           title=f"ROC, one class against the rest (macro AUC {macro_auc:.3f})" if macro_auc else "ROC")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    TTLR50.plt.close(fig)
+
+
+def plot_calibration(table, ece, png):
+    "Reliability diagram: accuracy against mean confidence per bin, bars sized by the images they hold."
+    fig, ax = TTLR50.plt.subplots(figsize=(5.6, 5.2))
+    width = 1 / 15
+    ax.bar([row["upper"] - width / 2 for row in table], [row["accuracy"] for row in table], width=width * 0.9,
+           color="#6baed6", edgecolor="#08519c", label="accuracy in the bin")
+    ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfect calibration")
+    ax.plot([row["confidence"] for row in table], [row["accuracy"] for row in table], "o", color="#08519c", ms=3)
+    for row in table:
+        ax.annotate(str(row["images"]), (row["upper"] - width / 2, row["accuracy"]), ha="center", va="bottom",
+                    fontsize=7)
+    ax.set(xlim=(0, 1), ylim=(0, 1.05), xlabel="confidence (top probability)", ylabel="accuracy",
+           title=f"calibration: ECE {ece:.3f} (numbers: images per bin)")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    TTLR50.plt.close(fig)
+
+
+def conv_target_layer(model):
+    """The last block of a fastai vision model's convolutional body (ResNet50: layer4), where Grad-CAM
+    looks; None for a model without a convolutional body."""
+    try:
+        block = model[0][-1]
+    except (TypeError, IndexError, KeyError, NotImplementedError):
+        return None
+    return block if any(isinstance(m, nn.Conv2d) for m in block.modules()) else None
+
+
+def network_view(batch):
+    "Normalised input tensors back to the RGB images (0–1, height × width × 3) that the network saw."
+    mean, std = (torch.tensor(s, device=batch.device).view(1, 3, 1, 1) for s in imagenet_stats)
+    return (batch * std + mean).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+
+
+def gradcam_maps(learn, files, class_indices, batch_size=16):
+    """Grad-CAM maps (0–1, image_size × image_size) of `files` for the classes asked, in batches on the
+    learner's device, with the images the network saw. None when the model has no convolutional body."""
+    layer = conv_target_layer(learn.model)
+    if layer is None:
+        return None
+    dl = learn.dls.test_dl(files, bs=batch_size, num_workers=0)
+    learn.model.eval()
+    maps, images, start = [], [], 0
+    with GradCAM(model=learn.model, target_layers=[layer]) as cam:
+        for (batch,) in dl:
+            batch = batch.as_subclass(torch.Tensor).contiguous()
+            targets = [ClassifierOutputTarget(int(c)) for c in class_indices[start:start + len(batch)]]
+            maps.append(cam(input_tensor=batch, targets=targets))
+            images.append(network_view(batch))
+            start += len(batch)
+    return np.concatenate(maps), np.concatenate(images)
+
+
+def gradcam_selection(truth, probabilities, classes, n):
+    """(index, why) of the images to show: every misclassified one, and per class the `n` most and `n` least
+    confident correct ones (per predicted class when there are no labels)."""
+    predicted, confidence = probabilities.argmax(1), probabilities.max(1)
+    labelled = truth is not None
+    correct = predicted == np.asarray(truth) if labelled else np.ones(len(predicted), bool)
+    chosen = [(int(i), "misclassified") for i in np.flatnonzero(~correct)]
+    for c in range(len(classes)):
+        members = np.flatnonzero(correct & (predicted == c))
+        ranked = members[np.argsort(-confidence[members], kind="stable")]
+        seen = {i for i, _ in chosen}
+        label = "correct" if labelled else "predicted"
+        chosen += [(int(i), f"most confident {label}") for i in ranked[:n] if i not in seen]
+        seen |= {int(i) for i in ranked[:n]}
+        chosen += [(int(i), f"least confident {label}") for i in ranked[::-1][:n] if i not in seen]
+    return chosen
+
+
+def save_overlay(image, heat, png, title):
+    "The heat map over the image the network saw, with a title."
+    fig, ax = TTLR50.plt.subplots(figsize=(3.2, 3.4))
+    ax.imshow(show_cam_on_image(image.astype(np.float32), heat, use_rgb=True))
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    TTLR50.plt.close(fig)
+
+
+def gradcam_gallery(learn, files, truth, probabilities, classes, output_dir, n):
+    """Write Grad-CAM overlays (predicted class) of the selected images under output_dir/gradcam/; returns
+    (gallery entries, reason when skipped)."""
+    if n <= 0:
+        return [], "Grad-CAM turned off (gradcam = 0)"
+    chosen = gradcam_selection(truth, probabilities, classes, n)
+    if not chosen:
+        return [], None
+    predicted = probabilities.argmax(1)
+    result = gradcam_maps(learn, [files[i] for i, _ in chosen], [predicted[i] for i, _ in chosen])
+    if result is None:
+        return [], "Grad-CAM skipped: the model has no convolutional body (it is not this project's ResNet50)"
+    folder = Path(output_dir) / "gradcam"
+    folder.mkdir(exist_ok=True)
+    gallery = []
+    for rank, ((i, why), heat, image) in enumerate(zip(chosen, *result)):
+        top3 = [(classes[k], float(probabilities[i, k])) for k in np.argsort(-probabilities[i])[:3]]
+        true_class = classes[truth[i]] if truth is not None else None
+        png = folder / f"{rank:03d}_{Path(files[i]).stem}.png"
+        save_overlay(image, heat, png, f"{Path(files[i]).name}\npredicted {top3[0][0]} ({top3[0][1]:.2f})"
+                     + (f", true {true_class}" if true_class else ""))
+        name = f"{Path(files[i]).parent.name}/{Path(files[i]).name}"  # the folder tells cells of two classes apart
+        gallery.append(dict(file=str(files[i]), name=name, why=why, true=true_class,
+                            predicted=top3[0][0], top3=top3, png=png))
+    return gallery, None
+
+
+def file_sha256(path):
+    "SHA-256 of a file, read in chunks (model files are ~100 MB)."
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def inline_png(path):
+    "A PNG file as a data: URL, so that the report is one file."
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def write_html(context, html):
+    "Render the report template with `context` into `html` (written atomically)."
+    environment = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]))
+    environment.filters["png"] = inline_png
+    page = environment.get_template("report.html").render(
+        **context, created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    with TTLR50.atomic_output(html) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return html
+
+
+def labelled_figures(truth, probabilities, classes, output_dir, n_resamples=2000, seed=0):
+    """What labelled predictions add to the original's numbers: bootstrap intervals, per-class and macro
+    AUC, the abnormal-vs-normal screening figures (SIPaKMeD), calibration; draws roc_curves.png and
+    calibration.png. Returns a dict for metrics.json."""
+    output_dir = Path(output_dir)
+    curves, macro_auc = roc_per_class(truth, probabilities, classes)
+    ece, bins = calibration(probabilities, truth)
+    if macro_auc is not None:
+        plot_roc(curves, macro_auc, output_dir / "roc_curves.png")
+    plot_calibration(bins, ece, output_dir / "calibration.png")
+    return dict(intervals=bootstrap_intervals(truth, probabilities.argmax(1), len(classes), n_resamples, seed),
+                bootstrap=dict(resamples=n_resamples, seed=seed, level=0.95),
+                auc={name: curve["auc"] for name, curve in curves.items()}, macro_auc=macro_auc,
+                abnormal_vs_normal=abnormal_vs_normal(truth, probabilities, classes),
+                ece=ece, calibration_bins=bins)
+
+
+def write_report(learn, files, truth, probabilities, classes, summary, output_dir, gradcam=3):
+    """Grad-CAM gallery and report.html for one evaluation; `summary` is what metrics.json holds.
+    Returns (report path, reason Grad-CAM was skipped or None)."""
+    output_dir = Path(output_dir)
+    gallery, skipped = gradcam_gallery(learn, files, truth, probabilities, classes, output_dir, gradcam)
+    plain = summary.get("plain")
+    matrix = np.array(plain["confusion_matrix"]) if plain else None
+    context = dict(summary=summary, plain=plain, classes=classes, gallery=gallery, gradcam_note=skipped,
+                   model_sha256=file_sha256(summary["model_path"]),
+                   normalised=(matrix / np.maximum(matrix.sum(1, keepdims=True), 1)).tolist() if plain else None,
+                   pictures={name: output_dir / f"{name}.png" for name in ("roc_curves", "calibration")
+                             if plain and (output_dir / f"{name}.png").exists()},
+                   predictions=None if plain else list(zip(files, probabilities.argmax(1), probabilities.max(1))))
+    return write_html(context, output_dir / "report.html"), skipped

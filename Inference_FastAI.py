@@ -64,11 +64,12 @@ def read_class_list(info_path):
                                "weights saved by R50.py / R50Herlev.py")
     try:
         info = json.loads(info_path.read_text())
-        classes, size = info["classes"], int(info["image_size"])
-        assert isinstance(classes, list) and classes and size > 0
-    except (ValueError, KeyError, TypeError, AssertionError):
+        usable = isinstance(info["classes"], list) and info["classes"] and int(info["image_size"]) > 0
+    except (ValueError, KeyError, TypeError):
+        usable = False
+    if not usable:
         raise TTLR50.UserError(f"{info_path} is not a class list written by R50.py / R50Herlev.py (it needs "
-                               "\"classes\" and \"image_size\") — restore it, or use the .pkl export") from None
+                               "\"classes\" and \"image_size\") — restore it, or use the .pkl export")
     return info
 
 

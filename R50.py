@@ -55,7 +55,6 @@ def train_r50(path_folder, save_loc=save_loc, model_path=None, export_path=None,
     if lr_find:
         png = Path(path_folder) / "models" / f"{save_loc}_lr_find.png"
         print(f"lr_find suggests lr = {find_lr(learn, png):.2e} (plot: {png}); training with lr = {lr:g}")
-    print(f"recipe {recipe}: {epochs} epochs, batch size {batch_size}, lr {lr:g}")
     return TTLR50.train_and_save(learn, epochs, lr, save_loc, export_path, image_size, recipe)
 
 
@@ -81,6 +80,8 @@ def main(path_folder: Path = path_folder,        # formatted dataset: train/ val
                            epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, pretrained=pretrained,
                            pretrained_weights=pretrained_weights, seed=seed, lr_find=lr_find, workers=workers,
                            cache_size=cache_size, recipe=recipe)
+        if not TTLR50.is_main_process():
+            return
         print(result["scores"].round(4).to_string())
         for key in ("weights", "classes", "export", "log", "curves"):
             print(f"{key:>8}: {result[key]}")

@@ -93,6 +93,8 @@ def main(previous_model_DA: Path = previous_model_DA,          # R50.py's .pth t
                                   herlev_save_loc=herlev_save_loc, epochs=epochs, batch_size=batch_size, lr=lr,
                                   image_size=image_size, save_loc=save_loc, start_stage=start_stage, seed=seed,
                                   workers=workers, cache_size=cache_size, recipe=recipe)
+        if not TTLR50.is_main_process():
+            return
         for stage, result in results.items():
             print(f"{stage} stage: validation accuracy {result['scores'].loc['validation', 'accuracy']:.4f}, "
                   f"weights {result['weights']}")

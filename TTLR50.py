@@ -1,11 +1,13 @@
 """Shared helpers of the ResNet50 scripts: data loaders, learner building, head swap, weight loading across
-heads, and one Triple Transfer Learning stage. File rules and user errors come from papfiles.py below it.
+heads, one Triple Transfer Learning stage, and training on several processes (fastai's `distrib_ctx`,
+launched by `accelerate launch`). File rules and user errors come from papfiles.py below it.
 
 R50.py, R50Herlev.py and Inference_FastAI.py build their data and models only through this module.
 The final TTL stage's defaults (its `save_loc` among them) are set here, once.
 """
 import fcntl
 import json
+import os
 import socket
 import warnings
 from contextlib import contextmanager
@@ -20,9 +22,11 @@ import torch
 # fastai 2.8 still calls torch.jit.script at import, which this torch announces as deprecated on every run.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 from fastai.callback.all import CSVLogger, MixUp, SaveModelCallback
+from fastai.distributed import DistributedDL, rank0_first
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
-from fastai.metrics import accuracy, skm_to_fastai
-from fastai.torch_core import default_device, set_seed
+from fastai.metrics import AccumMetric, accuracy, skm_to_fastai
+from fastai.torch_core import default_device, distrib_barrier, num_distrib, rank_distrib, set_seed
+from fastcore.basics import patch
 from fastai.vision.all import (Datasets, ImageDataLoaders, IntToFloatTensor, Normalize, PILImage, Resize, ToTensor,
                                aug_transforms, create_body, imagenet_stats, model_meta, vision_learner)
 from PIL import Image
@@ -132,7 +136,8 @@ def build_cache(path_folder, cache_size, splits=("train", "val"), progress=True)
         manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
         sources = {p.relative_to(path_folder).as_posix(): p for split in splits
                    for p in sorted((path_folder / split).rglob("*")) if p.is_file() and is_sample_image(p)}
-        for rel in set(manifest) - set(sources):
+        gone = set(manifest) - set(sources)
+        for rel in gone:
             (root / f"{rel}.png").unlink(missing_ok=True)
             del manifest[rel]
         stamps = {rel: [p.stat().st_size, p.stat().st_mtime_ns] for rel, p in sources.items()}
@@ -150,8 +155,9 @@ def build_cache(path_folder, cache_size, splits=("train", "val"), progress=True)
             with atomic_output(target) as tmp:
                 small.save(tmp, format="PNG", compress_level=1)
             manifest[rel] = stamps[rel]
-        with atomic_output(manifest_path) as tmp:
-            tmp.write_text(json.dumps(manifest, indent=0, sort_keys=True))
+        if todo or gone or not manifest_path.exists():  # an unchanged cache is only read (several processes)
+            with atomic_output(manifest_path) as tmp:
+                tmp.write_text(json.dumps(manifest, indent=0, sort_keys=True))
     return root
 
 
@@ -173,8 +179,10 @@ def pap_dls(path_folder, image_size=image_size, batch_size=batch_size, seed=42, 
     check_not_negative(workers=workers)
     path_folder = user_path(path_folder)
     check_formatted(path_folder)
+    join_launcher()
     settings = current_speed_settings(workers)
-    source = build_cache(path_folder, cache_size) if cache_size else path_folder
+    # Under a launcher, rank 0 builds the cache while the others wait, then they only read it.
+    source = rank0_first(build_cache, path_folder, cache_size) if cache_size else path_folder
     item_tfms, batch_tfms = pap_transforms(image_size, recipe)
     set_seed(seed, reproducible=True)
     dls = ImageDataLoaders.from_folder(source, train="train", valid="val", item_tfms=item_tfms,
@@ -197,9 +205,43 @@ def inference_dls(files, image_size=image_size, batch_size=64):
 
 def pap_metrics():
     """Accuracy, weighted F-beta with beta=2 (what the original's fastai-v1 `FBeta(average='weighted')`
-    computed) and weighted F1."""
-    return [accuracy, skm_to_fastai(fbeta_score, beta=2, average="weighted", name="f2_weighted"),
+    computed) and weighted F1. All three gather every process's predictions before computing, so that on
+    several processes they score the whole validation set, as on one."""
+    return [AccumMetric(accuracy, flatten=False, name="accuracy"),
+            skm_to_fastai(fbeta_score, beta=2, average="weighted", name="f2_weighted"),
             skm_to_fastai(f1_score, average="weighted", name="f1_weighted")]
+
+
+def is_main_process():
+    "True in the one process that writes files and prints: rank 0 under a launcher, the only one otherwise."
+    return rank_distrib() == 0
+
+
+def join_launcher():
+    """Under a launcher (`accelerate launch`, several processes), put this process on its own GPU before
+    any data or model is made; nothing to do in a single process or on CPU."""
+    if num_distrib() > 1 and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+@patch
+def _broadcast(self: DistributedDL, t, rank):
+    "Broadcast the batch order from `rank` on the process group's own device (fastai's always uses CUDA)."
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(t, dtype=torch.long, device=device)
+    torch.distributed.broadcast(t, rank)
+    return t.cpu().tolist()
+
+
+def describe_batches(batch_size, lr):
+    """How a run splits its batches, for the log: under a launcher each of N processes takes `batch_size`
+    images per step (fastai's distributed data loader), so the effective batch is N × batch_size; lr is used
+    as given (scale it yourself if you want to keep lr per image)."""
+    processes = max(num_distrib(), 1)
+    if processes == 1:
+        return f"batch size {batch_size}, lr {lr:g}"
+    return (f"{processes} processes × batch {batch_size} = effective batch {processes * batch_size}, "
+            f"lr {lr:g} as given")
 
 
 def imagenet_weights():
@@ -385,7 +427,10 @@ def fit_recipe(learn, epochs, lr, cbs, recipe="original"):
     fit = learn.fit_flat_cos if settings["schedule"] == "flat_cos" else learn.fit_one_cycle
     cbs = [*cbs, MixUp(settings["mixup"])] if settings["mixup"] else cbs
     try:
-        fit(epochs, lr, cbs=cbs)
+        # fastai's DDP under a launcher (each process trains on its share of every epoch); a plain fit
+        # otherwise. SyncBatchNorm needs GPUs.
+        with learn.distrib_ctx(sync_bn=torch.cuda.is_available()):
+            fit(epochs, lr, cbs=cbs)
     except OSError:
         files = [*learn.dls.train_ds.items, *learn.dls.valid_ds.items]
         broken = unreadable_images(files)
@@ -406,12 +451,19 @@ def train_and_save(learn, epochs, lr, save_loc, export_path=None, image_size=ima
     models.mkdir(parents=True, exist_ok=True)
     export_path.parent.mkdir(parents=True, exist_ok=True)
     log = models / f"{save_loc}_log.csv"
+    curves = models / f"{save_loc}_curves.png"
     learn.unfreeze()
-    fit_recipe(learn, epochs, lr, [SaveModelCallback(monitor="accuracy", fname=save_loc), CSVLogger(fname=log)],
-               recipe)
-    weights = save_weights(learn, save_loc, image_size)
-    export_atomically(learn, export_path)
-    curves = plot_training(log, models / f"{save_loc}_curves.png")
+    if is_main_process():
+        print(f"training {save_loc}: recipe {recipe}, {epochs} epochs, {describe_batches(learn.dls.bs, lr)}")
+    # fastai saves the best epoch's weights from rank 0 only; the log, the exports and the pictures too.
+    cbs = [SaveModelCallback(monitor="accuracy", fname=save_loc)] + ([CSVLogger(fname=log)] if is_main_process() else [])
+    fit_recipe(learn, epochs, lr, cbs, recipe)
+    weights = models / f"{save_loc}.pth"
+    if is_main_process():
+        save_weights(learn, save_loc, image_size)
+        export_atomically(learn, export_path)
+        plot_training(log, curves)
+    distrib_barrier()  # the other processes go on (to a next TTL stage, say) once the files are complete
     return dict(weights=weights, classes=weights.with_suffix(".json"), export=export_path, log=log,
                 curves=curves, scores=evaluate(learn), learner=learn)
 

@@ -46,7 +46,8 @@ def train_r50(path_folder, save_loc=save_loc, model_path=None, export_path=None,
                               for k, v in dict(epochs=epochs, batch_size=batch_size, lr=lr).items())
     TTLR50.check_training_options(save_loc, epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
                                   workers=workers, cache_size=cache_size)
-    dls = TTLR50.pap_dls(path_folder, image_size, batch_size, seed, workers, cache_size, recipe)
+    dls = TTLR50.pap_dls(path_folder, image_size, batch_size, seed=seed, workers=workers, cache_size=cache_size,
+                         recipe=recipe)
     starts_from_file = model_path is not None
     learn = TTLR50.pap_learner(dls, pretrained and not starts_from_file, pretrained_weights, path=path_folder,
                                recipe=recipe)

@@ -38,7 +38,7 @@ def triple_transfer(previous_model_DA, herlev_path, sipakmed_path, current_class
                     cache_size=None, recipe="original"):
     """Run the Herlev stage (unless start_stage is 2) and the SIPaKMeD stage, each with `recipe`'s
     augmentation, loss and schedule (the numbers given here stay); returns each stage's summary."""
-    TTLR50.recipe_settings(recipe)
+    TTLR50.recipe_settings(recipe)  # an unknown recipe is refused before any work
     if start_stage not in (1, 2):
         raise TTLR50.UserError(f"start_stage is {start_stage}; it must be 1 (Herlev, then SIPaKMeD) or 2")
     TTLR50.check_file_name(herlev_save_loc, "herlev_save_loc")
@@ -56,12 +56,15 @@ def triple_transfer(previous_model_DA, herlev_path, sipakmed_path, current_class
         if not Path(previous_model_DA).is_file():
             raise TTLR50.UserError(f"previous_model_DA {previous_model_DA} does not exist — train R50.py on the "
                                    "Extended DA dataset first and point previous_model_DA to its .pth")
-        results["herlev"] = TTLR50.ttl_stage(herlev_path, previous_model_DA, herlev_save_loc, herlev_epochs,
-                                             herlev_batch_size, lr, image_size, seed, workers, cache_size, recipe)
+        results["herlev"] = TTLR50.ttl_stage(herlev_path, previous_model_DA, save_loc=herlev_save_loc,
+                                             epochs=herlev_epochs, batch_size=herlev_batch_size, lr=lr,
+                                             image_size=image_size, seed=seed, workers=workers,
+                                             cache_size=cache_size, recipe=recipe)
     elif not herlev_weights.is_file():
         raise TTLR50.UserError(f"start_stage 2 needs the Herlev stage's weights {herlev_weights} — run stage 1 first")
-    results["sipakmed"] = TTLR50.ttl_stage(sipakmed_path, herlev_weights, save_loc, epochs, batch_size, lr,
-                                           image_size, seed, workers, cache_size, recipe)
+    results["sipakmed"] = TTLR50.ttl_stage(sipakmed_path, herlev_weights, save_loc=save_loc, epochs=epochs,
+                                           batch_size=batch_size, lr=lr, image_size=image_size, seed=seed,
+                                           workers=workers, cache_size=cache_size, recipe=recipe)
     return results
 
 

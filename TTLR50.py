@@ -383,13 +383,12 @@ def load_weights_across_heads(learn, path, n_out=None):
     return learn
 
 
-def save_weights(learn, name, image_size):
-    """Save the weights to path/models/<name>.pth (no optimiser: loadable with weights_only) and, beside
-    them, <name>.json with the class names in output order, so they can be used without the export."""
-    file = learn.save(name, with_opt=False)
+def write_class_list(learn, weights, image_size):
+    """Write <weights>.json beside a `.pth`: the class names in output order and the image size, so that the
+    weights can be used without the export."""
     info = dict(classes=list(map(str, learn.dls.vocab)), image_size=image_size, arch="resnet50")
-    file.with_suffix(".json").write_text(json.dumps(info, indent=2))
-    return file
+    with atomic_output(Path(weights).with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps(info, indent=2))
 
 
 def plot_training(log_csv, png):
@@ -458,9 +457,11 @@ def train_and_save(learn, epochs, lr, save_loc, export_path=None, image_size=ima
     # fastai saves the best epoch's weights from rank 0 only; the log, the exports and the pictures too.
     cbs = [SaveModelCallback(monitor="accuracy", fname=save_loc)] + ([CSVLogger(fname=log)] if is_main_process() else [])
     fit_recipe(learn, epochs, lr, cbs, recipe)
+    # SaveModelCallback wrote the best epoch's weights (no optimiser: loadable with weights_only) and every
+    # process has loaded them back; writing them again could race with a process still reading.
     weights = models / f"{save_loc}.pth"
     if is_main_process():
-        save_weights(learn, save_loc, image_size)
+        write_class_list(learn, weights, image_size)
         export_atomically(learn, export_path)
         plot_training(log, curves)
     distrib_barrier()  # the other processes go on (to a next TTL stage, say) once the files are complete
@@ -479,7 +480,8 @@ def ttl_stage(data_path, start_weights, save_loc=save_loc, epochs=epochs, batch_
               image_size=image_size, seed=42, workers=None, cache_size=None, recipe="original"):
     """One Triple Transfer Learning stage: start from `start_weights` (saved with any number of classes),
     make the head fit the classes of `data_path`, train with `recipe`, then save and export under `save_loc`."""
-    dls = pap_dls(data_path, image_size, batch_size, seed, workers, cache_size, recipe)
+    dls = pap_dls(data_path, image_size, batch_size, seed=seed, workers=workers, cache_size=cache_size,
+                  recipe=recipe)
     learn = pap_learner(dls, pretrained=False, path=data_path, recipe=recipe)
     load_weights_across_heads(learn, start_weights)
     return train_and_save(learn, epochs, lr, save_loc, image_size=image_size, recipe=recipe)

@@ -17,7 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from papfiles import (IMAGE_EXTENSIONS, UserError, atomic_output, available_cpus, check_not_negative, copy_atomically,
-                      is_inside, remove_partials, sample_images, user_errors, user_path)
+                      is_inside, is_partial, remove_partials, sample_images, user_errors, user_path)
 
 # imgaug 0.4.0 reads np.sctypes at import time, and NumPy 2 removed it. Every import of imgaug in this
 # project goes through this module, so this is the one place that puts the table back (nothing else of
@@ -167,17 +167,23 @@ def augment_file(job):
     return written, None
 
 
+def target_folder(target_directory):
+    "The user's target_directory as an absolute path; refused when it is not a folder."
+    target = user_path(target_directory)
+    if not target.is_dir():
+        raise UserError(f"target_directory {target} is not a folder — set it to a formatted dataset or class folders")
+    return target
+
+
 def copy_dataset(source, destination, progress=True):
     """Copy the files of `source` missing in `destination` (the source is only read); each copy is atomic,
     so a killed copy is redone by the next run instead of leaving a truncated image."""
-    source, destination = user_path(source), user_path(destination)
-    if not source.is_dir():
-        raise UserError(f"target_directory {source} is not a folder — set it to a formatted dataset or class folders")
+    source, destination = target_folder(source), user_path(destination)
     if is_inside(destination, source):
         raise UserError(f"output_directory {destination} is inside target_directory — choose a folder outside it")
     if destination.is_dir():
         remove_partials(destination)
-    files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.endswith(".partial"))
+    files = sorted(p for p in source.rglob("*") if p.is_file() and not is_partial(p))
     for path in tqdm(files, desc="copy", unit="file", disable=not progress):
         target = destination / path.relative_to(source)
         if not target.exists():
@@ -198,9 +204,7 @@ def extend_dataset(target_directory, n_augmentations=14, seed=42, workers=None, 
     suffix = f".{output_format.lstrip('.').lower()}" if output_format else None
     if suffix and suffix not in IMAGE_EXTENSIONS:
         raise UserError(f"output_format {output_format} is not one of {', '.join(e[1:] for e in IMAGE_EXTENSIONS)}")
-    target = user_path(target_directory)
-    if not target.is_dir():
-        raise UserError(f"target_directory {target} is not a folder — set it to a formatted dataset or class folders")
+    target = target_folder(target_directory)
     images = list_images(target, splits)
     if not images:
         raise UserError(f"no images found under {target} (splits {list(splits)}) — is target_directory right?")

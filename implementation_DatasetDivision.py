@@ -14,8 +14,8 @@ from fastcore.script import call_parse
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
-from papfiles import (UserError, atomic_output, copy_atomically, is_inside, is_sample_image, remove_partials,
-                      same_file_content, user_errors, user_path)
+from papfiles import (UserError, atomic_output, copy_atomically, is_inside, is_partial, is_sample_image,
+                      remove_partials, same_file_content, user_errors, user_path)
 
 # --- edit these -----------------------------------------------------------------------------------
 path_dir = Path("data/sipakmed")                # the raw dataset as downloaded (SIPaKMeD or Herlev)
@@ -114,14 +114,15 @@ def plan_division(samples, sizes, random_state, grouped=False):
     images (not its cells), so that the cells of one cluster image all land in one split."""
     rows = []
     for name, files in samples.items():
-        units = sorted({cluster_of(f) for f in files}) if grouped else files
+        clusters = {file: cluster_of(file) for file in files} if grouped else {}
+        units = sorted(set(clusters.values())) if grouped else files
         if len(units) < 3:
             what = "cluster image(s)" if grouped else "image(s)"
             raise UserError(f"class {name} has {len(units)} {what}; at least 3 are needed to split it 3 ways")
         for split, part in zip(SPLITS, split_class(units, *sizes, random_state=random_state)):
             if grouped:
                 part = set(part)
-                rows += [(file, name, split, cluster_of(file)) for file in files if cluster_of(file) in part]
+                rows += [(file, name, split, cluster) for file, cluster in clusters.items() if cluster in part]
             else:
                 rows += [(file, name, split) for file in part]
     return sorted(rows)
@@ -187,7 +188,7 @@ def plan_removal(path_dir, output_dir, recorded, planned):
     for split in SPLITS:
         for file in sorted(p for p in (output_dir / split).rglob("*") if not p.is_dir()):
             source, original = recorded_at.get(file), by_name.get((file.parent.name, file.name))
-            if file.name.startswith(".") and file.name.endswith(".partial"):
+            if is_partial(file):
                 copies.append(file)
             elif source is not None and not source.exists() and not source.is_symlink():
                 moved.append((file, source))

@@ -141,6 +141,11 @@ def copy_atomically(source, target):
         shutil.copy2(source, tmp)
 
 
+def is_partial(path):
+    "True for a temporary name that `atomic_output` makes (`.<name>.partial`)."
+    return Path(path).name.startswith(".") and Path(path).name.endswith(PARTIAL)
+
+
 def remove_partials(folder):
     "Delete the temporary files a killed run left under `folder` (only names `atomic_output` makes)."
     for tmp in Path(folder).rglob(f".*{PARTIAL}"):

@@ -41,7 +41,8 @@ def load_classifier(model_path, files, batch_size=batch_size):
         info = read_class_list(model_path.with_suffix(".json"))
         state = TTLR50.read_weights(model_path)
         if TTLR50.head_classes(state, model_path) != len(info["classes"]):
-            raise TTLR50.UserError(f"{model_path} and {info_path} disagree on the number of classes")
+            raise TTLR50.UserError(f"{model_path} and {model_path.with_suffix('.json')} disagree on the number of "
+                                   "classes — put the .json saved with these weights beside them")
         learn = TTLR50.pap_learner(TTLR50.inference_dls(files, info["image_size"], batch_size),
                                    n_out=len(info["classes"]))
         learn.model.load_state_dict(state)
@@ -116,8 +117,7 @@ def check_classes(labels, classes, test_dataset_path):
 
 def predict_files(learn, files, batch_size=batch_size, tta=False):
     "Class probabilities of `files`, batched through fastai (test-time augmentation with `tta`)."
-    # Unlike training on CPU, prediction gains from decoding in workers (2 cores: 79 vs 86 ms per image).
-    dl = learn.dls.test_dl(files, bs=batch_size, num_workers=TTLR50.available_cpus())
+    dl = TTLR50.prediction_dl(learn, files, batch_size)
     probabilities = learn.tta(dl=dl)[0] if tta else learn.get_preds(dl=dl)[0]
     return probabilities.float().numpy()
 

@@ -24,7 +24,8 @@ pretrained_weights = None       # or: a local torchvision ResNet50 state-dict fi
 seed = 42
 lr_find = False                 # also run fastai's lr_find: saves its plot and prints the suggestion
 workers = None                  # data loader processes (default: one per core on a GPU, none on CPU)
-cache_size = None               # decode + resize every image once to this shorter side, e.g. 258 for 224
+cache_size = None               # files path: decode + resize every image once to this shorter side, e.g. 258
+memory_budget = None            # GB the presized images may hold in memory (None: automatic; 0: read files)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -38,16 +39,16 @@ def find_lr(learn, png):
 
 def train_r50(path_folder, save_loc=save_loc, model_path=None, export_path=None, epochs=None, batch_size=None,
               lr=None, image_size=image_size, pretrained=True, pretrained_weights=None, seed=42, lr_find=False,
-              workers=None, cache_size=None, recipe="original"):
+              workers=None, cache_size=None, recipe="original", memory_budget=None):
     """Build, optionally resume, train with `recipe` (epochs, batch_size and lr left None take the recipe's),
     save and export; returns `TTLR50.train_and_save`'s summary."""
     settings = TTLR50.recipe_settings(recipe)
     epochs, batch_size, lr = (settings[k] if v is None else v
                               for k, v in dict(epochs=epochs, batch_size=batch_size, lr=lr).items())
     TTLR50.check_training_options(save_loc, epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
-                                  workers=workers, cache_size=cache_size)
+                                  workers=workers, cache_size=cache_size, memory_budget=memory_budget)
     dls = TTLR50.pap_dls(path_folder, image_size, batch_size, seed=seed, workers=workers, cache_size=cache_size,
-                         recipe=recipe)
+                         recipe=recipe, memory_budget=memory_budget)
     starts_from_file = model_path is not None
     learn = TTLR50.pap_learner(dls, pretrained and not starts_from_file, pretrained_weights, path=path_folder,
                                recipe=recipe)
@@ -74,13 +75,14 @@ def main(path_folder: Path = path_folder,        # formatted dataset: train/ val
          seed: int = seed,                        # random seed (data order, augmentation, head initialisation)
          lr_find: bool = lr_find,                 # run fastai's lr_find first: plot + suggestion, lr unchanged
          workers: int = workers,                  # data loader processes (default: one per core on a GPU, none on CPU)
-         cache_size: int = cache_size):           # train from a cache resized once to this shorter side
+         cache_size: int = cache_size,            # when not in memory: read a cache resized once to this shorter side
+         memory_budget: float = memory_budget):   # GB for presized images in memory (GPU, else RAM); 0: read files
     "Train a ResNet50 on a formatted Pap-smear dataset; save the best weights and export the learner."
     with TTLR50.user_errors():
         result = train_r50(path_folder, save_loc=save_loc, model_path=model_path, export_path=export_path,
                            epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, pretrained=pretrained,
                            pretrained_weights=pretrained_weights, seed=seed, lr_find=lr_find, workers=workers,
-                           cache_size=cache_size, recipe=recipe)
+                           cache_size=cache_size, recipe=recipe, memory_budget=memory_budget)
         if not TTLR50.is_main_process():
             return
         print(result["scores"].round(4).to_string())

@@ -27,7 +27,8 @@ start_stage = 1                                    # 2: skip Herlev, start from 
 recipe = "original"                                # training recipe of both stages: original or modern
 seed = 42
 workers = None                                     # data loader processes (default: one per core on a GPU, none on CPU)
-cache_size = None                                  # train from images resized once to this shorter side
+cache_size = None                                  # when not in memory: a cache resized once to this side
+memory_budget = None                               # GB for presized images in memory (None: automatic; 0: off)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -35,7 +36,7 @@ def triple_transfer(previous_model_DA, herlev_path, sipakmed_path, current_class
                     output_classes_of_next_dataset=5, herlev_epochs=10, herlev_batch_size=5,
                     herlev_save_loc=herlev_save_loc, epochs=epochs, batch_size=batch_size, lr=lr,
                     image_size=image_size, save_loc=save_loc, start_stage=1, seed=42, workers=None,
-                    cache_size=None, recipe="original"):
+                    cache_size=None, recipe="original", memory_budget=None):
     """Run the Herlev stage (unless start_stage is 2) and the SIPaKMeD stage, each with `recipe`'s
     augmentation, loss and schedule (the numbers given here stay); returns each stage's summary."""
     TTLR50.recipe_settings(recipe)  # an unknown recipe is refused before any work
@@ -46,7 +47,7 @@ def triple_transfer(previous_model_DA, herlev_path, sipakmed_path, current_class
                                   epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
                                   current_classes_of_dataset=current_classes_of_dataset,
                                   output_classes_of_next_dataset=output_classes_of_next_dataset,
-                                  workers=workers, cache_size=cache_size)
+                                  workers=workers, cache_size=cache_size, memory_budget=memory_budget)
     TTLR50.check_formatted(herlev_path, current_classes_of_dataset)
     TTLR50.check_formatted(sipakmed_path, output_classes_of_next_dataset)
     herlev_path, sipakmed_path = TTLR50.user_path(herlev_path), TTLR50.user_path(sipakmed_path)
@@ -59,12 +60,13 @@ def triple_transfer(previous_model_DA, herlev_path, sipakmed_path, current_class
         results["herlev"] = TTLR50.ttl_stage(herlev_path, previous_model_DA, save_loc=herlev_save_loc,
                                              epochs=herlev_epochs, batch_size=herlev_batch_size, lr=lr,
                                              image_size=image_size, seed=seed, workers=workers,
-                                             cache_size=cache_size, recipe=recipe)
+                                             cache_size=cache_size, recipe=recipe, memory_budget=memory_budget)
     elif not herlev_weights.is_file():
         raise TTLR50.UserError(f"start_stage 2 needs the Herlev stage's weights {herlev_weights} — run stage 1 first")
     results["sipakmed"] = TTLR50.ttl_stage(sipakmed_path, herlev_weights, save_loc=save_loc, epochs=epochs,
                                            batch_size=batch_size, lr=lr, image_size=image_size, seed=seed,
-                                           workers=workers, cache_size=cache_size, recipe=recipe)
+                                           workers=workers, cache_size=cache_size, recipe=recipe,
+                                           memory_budget=memory_budget)
     return results
 
 
@@ -85,8 +87,9 @@ def main(previous_model_DA: Path = previous_model_DA,          # R50.py's .pth t
          start_stage: int = start_stage,                       # 2: skip Herlev and start from its saved weights
          seed: int = seed,                                     # random seed
          workers: int = workers,                               # data loader processes (default: one per core on GPU, none on CPU)
-         cache_size: int = cache_size,                         # train from a cache resized once to this side
-         recipe: str = recipe):                                # original or modern (augmentation, loss, schedule)
+         cache_size: int = cache_size,                         # when not in memory: a cache resized once to this side
+         recipe: str = recipe,                                 # original or modern (augmentation, loss, schedule)
+         memory_budget: float = memory_budget):                # GB for presized images in memory (GPU, else RAM); 0: off
     "Triple Transfer Learning: Extended DA weights → Herlev (7 classes) → SIPaKMeD (5 classes)."
     with TTLR50.user_errors():
         results = triple_transfer(previous_model_DA, herlev_path, sipakmed_path,
@@ -95,7 +98,8 @@ def main(previous_model_DA: Path = previous_model_DA,          # R50.py's .pth t
                                   herlev_epochs=herlev_epochs, herlev_batch_size=herlev_batch_size,
                                   herlev_save_loc=herlev_save_loc, epochs=epochs, batch_size=batch_size, lr=lr,
                                   image_size=image_size, save_loc=save_loc, start_stage=start_stage, seed=seed,
-                                  workers=workers, cache_size=cache_size, recipe=recipe)
+                                  workers=workers, cache_size=cache_size, recipe=recipe,
+                                  memory_budget=memory_budget)
         if not TTLR50.is_main_process():
             return
         for stage, result in results.items():

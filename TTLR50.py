@@ -5,7 +5,6 @@ launched by `accelerate launch`). File rules and user errors come from papfiles.
 R50.py, R50Herlev.py and Inference_FastAI.py build their data and models only through this module.
 The final TTL stage's defaults (its `save_loc` among them) are set here, once.
 """
-import fcntl
 import json
 import os
 import socket
@@ -27,17 +26,17 @@ from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
 from fastai.metrics import AccumMetric, accuracy, skm_to_fastai
 from fastai.torch_core import default_device, distrib_barrier, num_distrib, rank_distrib, set_seed
 from fastcore.basics import patch
-from fastai.vision.all import (Datasets, ImageDataLoaders, IntToFloatTensor, Normalize, PILImage, Resize, ToTensor,
-                               aug_transforms, create_body, imagenet_stats, model_meta, vision_learner)
-from PIL import Image
+from fastai.vision.all import (DataLoaders, Datasets, ImageDataLoaders, IntToFloatTensor, Normalize, PILImage,
+                               Resize, ToTensor, aug_transforms, create_body, imagenet_stats, model_meta, vision_learner)
 from sklearn.metrics import f1_score, fbeta_score
 from torch import nn
 from torchvision.models import ResNet50_Weights, resnet50
-from tqdm import tqdm
 
 from papfiles import (UserError, atomic_output, available_cpus, check_file_name, check_not_negative,  # noqa: F401
                       check_positive, class_names, is_sample_image, remove_partials, sample_images,
                       unreadable_images, user_errors, user_path)
+from presized import (build_cache, describe_stores, parallel_decode, presized_loader,  # noqa: F401
+                      presized_placement, resize_short_side)
 
 # --- the final TTL stage's defaults (R50Herlev.py overrides them from its top or the command line) ------
 save_loc = "resnet50_ttl_sipakmed"   # final model: sipakmed_path/models/<save_loc>.pth and .pkl
@@ -113,54 +112,6 @@ def check_formatted(path_folder, n_classes=None):
     return found
 
 
-def resize_short_side(image, size):
-    "Resize a PIL image so that its shorter side is `size`, keeping the aspect ratio."
-    scale = size / min(image.size)
-    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                        Image.Resampling.BILINEAR)
-
-
-def build_cache(path_folder, cache_size, splits=("train", "val"), progress=True):
-    """Decode and resize every image of `splits` once (shorter side `cache_size`) into
-    path_folder/cache/<cache_size>px, and return that folder.
-
-    An image is redone when its source changes (size or modification time); cache files whose source is
-    gone are removed. The source dataset is only read. Two runs at once take turns on a lock file.
-    """
-    path_folder = Path(path_folder)
-    root = path_folder / "cache" / f"{cache_size}px"
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        manifest_path = root / "manifest.json"
-        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-        sources = {p.relative_to(path_folder).as_posix(): p for split in splits
-                   for p in sorted((path_folder / split).rglob("*")) if p.is_file() and is_sample_image(p)}
-        gone = set(manifest) - set(sources)
-        for rel in gone:
-            (root / f"{rel}.png").unlink(missing_ok=True)
-            del manifest[rel]
-        stamps = {rel: [p.stat().st_size, p.stat().st_mtime_ns] for rel, p in sources.items()}
-        todo = [rel for rel in sources if manifest.get(rel) != stamps[rel] or not (root / f"{rel}.png").exists()]
-        remove_partials(root)
-        for rel in tqdm(todo, desc=f"cache {cache_size}px", unit="img", disable=not progress or not todo):
-            target = root / f"{rel}.png"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                with Image.open(sources[rel]) as image:
-                    small = resize_short_side(image.convert("RGB"), cache_size)
-            except Exception as e:  # PIL raises many kinds for a broken file
-                raise UserError(f"cannot read image {sources[rel]} ({type(e).__name__}: {e}) — remove or replace "
-                                "it, then run again") from None
-            with atomic_output(target) as tmp:
-                small.save(tmp, format="PNG", compress_level=1)
-            manifest[rel] = stamps[rel]
-        if todo or gone or not manifest_path.exists():  # an unchanged cache is only read (several processes)
-            with atomic_output(manifest_path) as tmp:
-                tmp.write_text(json.dumps(manifest, indent=0, sort_keys=True))
-    return root
-
-
 def pap_transforms(image_size, recipe="original"):
     """Item and batch transforms shared by training and prediction: resize, augment (training only: the
     recipe's zoom, flips and rotation), normalise. Validation and prediction are the same for every recipe."""
@@ -171,27 +122,43 @@ def pap_transforms(image_size, recipe="original"):
 
 
 def pap_dls(path_folder, image_size=image_size, batch_size=batch_size, seed=42, workers=None, cache_size=None,
-            recipe="original"):
+            recipe="original", memory_budget=None):
     """DataLoaders over path_folder/train and path_folder/val (class sub-folders), built the same way for
-    every script; with `cache_size`, training reads the decoded-image cache instead of the sources.
-    Refuses a batch larger than the training set, which would train no step at all."""
+    every script. The images are presized once and held in memory when they fit `memory_budget` (GB; None:
+    automatic, 0: never; see `presized.memory_placement`); otherwise each epoch decodes the image files, or
+    with `cache_size` the decoded-image cache. Refuses a batch larger than the training set, which would
+    train no step at all."""
     check_positive(image_size=image_size, batch_size=batch_size, cache_size=cache_size)
-    check_not_negative(workers=workers)
+    check_not_negative(workers=workers, memory_budget=memory_budget)
     path_folder = user_path(path_folder)
     check_formatted(path_folder)
     join_launcher()
     settings = current_speed_settings(workers)
-    # Under a launcher, rank 0 builds the cache while the others wait, then they only read it.
-    source = rank0_first(build_cache, path_folder, cache_size) if cache_size else path_folder
     item_tfms, batch_tfms = pap_transforms(image_size, recipe)
-    set_seed(seed, reproducible=True)
-    dls = ImageDataLoaders.from_folder(source, train="train", valid="val", item_tfms=item_tfms,
-                                       batch_tfms=batch_tfms, bs=batch_size, num_workers=settings["workers"],
-                                       pin_memory=settings["pin_memory"],
-                                       persistent_workers=settings["persistent_workers"])
+
+    def folder_dls(source):
+        set_seed(seed, reproducible=True)
+        return ImageDataLoaders.from_folder(source, train="train", valid="val", item_tfms=item_tfms,
+                                            batch_tfms=batch_tfms, bs=batch_size, num_workers=settings["workers"],
+                                            pin_memory=settings["pin_memory"],
+                                            persistent_workers=settings["persistent_workers"])
+    dls = folder_dls(path_folder)
     if batch_size > len(dls.train_ds):
         raise UserError(f"batch_size {batch_size} is larger than the training set of {path_folder} "
                         f"({len(dls.train_ds)} images), so no training step would run — lower --batch-size")
+    files = [*dls.train_ds.items, *dls.valid_ds.items]
+    placement = presized_placement(files, image_size, memory_budget, default_device().type)
+    # Under a launcher, rank 0 builds a cache while the others wait, then they only read it.
+    if placement:
+        presized_root = rank0_first(build_cache, path_folder, image_size, files=files)
+        dls = DataLoaders(*(presized_loader(dl, presized_root, path_folder, placement) for dl in dls.loaders),
+                          path=dls.path, device=dls.device)
+    elif cache_size:
+        dls = folder_dls(rank0_first(build_cache, path_folder, cache_size, files=files))
+    if is_main_process():
+        print(f"data: {len(dls.train_ds)} train / {len(dls.valid_ds)} val images, "
+              + (f"presized to {image_size} px and held in memory ({describe_stores(dls.loaders)})"
+                 if placement else f"decoded from {'the cache' if cache_size else 'their files'} every epoch"))
     return dls
 
 
@@ -201,6 +168,12 @@ def inference_dls(files, image_size=image_size, batch_size=64):
     datasets = Datasets(files, [[PILImage.create]], splits=[[0], list(range(len(files)))])
     return datasets.dataloaders(bs=batch_size, num_workers=0, after_item=[*item_tfms, ToTensor()],
                                 after_batch=[IntToFloatTensor(), *batch_tfms])
+
+
+def prediction_dl(learn, files, batch_size=64):
+    """A loader of `files` for `learn`'s predictions, transformed as its validation images, each image decoded
+    by its own worker task (`presized.ParallelDecodeDL`), so every core works whatever the batch size."""
+    return parallel_decode(learn.dls.test_dl(files, bs=batch_size, num_workers=0))
 
 
 def pap_metrics():
@@ -470,18 +443,19 @@ def train_and_save(learn, epochs, lr, save_loc, export_path=None, image_size=ima
 
 
 def check_training_options(save_loc, **numbers):
-    "Refuse, before any work, a `save_loc` that is not a plain name and numbers that are not > 0 (workers: >= 0)."
+    """Refuse, before any work, a `save_loc` that is not a plain name and numbers that are not > 0 (workers and
+    memory_budget: >= 0)."""
     check_file_name(save_loc)
-    check_not_negative(workers=numbers.pop("workers", None))
+    check_not_negative(workers=numbers.pop("workers", None), memory_budget=numbers.pop("memory_budget", None))
     check_positive(**numbers)
 
 
 def ttl_stage(data_path, start_weights, save_loc=save_loc, epochs=epochs, batch_size=batch_size, lr=lr,
-              image_size=image_size, seed=42, workers=None, cache_size=None, recipe="original"):
+              image_size=image_size, seed=42, workers=None, cache_size=None, recipe="original", memory_budget=None):
     """One Triple Transfer Learning stage: start from `start_weights` (saved with any number of classes),
     make the head fit the classes of `data_path`, train with `recipe`, then save and export under `save_loc`."""
     dls = pap_dls(data_path, image_size, batch_size, seed=seed, workers=workers, cache_size=cache_size,
-                  recipe=recipe)
+                  recipe=recipe, memory_budget=memory_budget)
     learn = pap_learner(dls, pretrained=False, path=data_path, recipe=recipe)
     load_weights_across_heads(learn, start_weights)
     return train_and_save(learn, epochs, lr, save_loc, image_size=image_size, recipe=recipe)

@@ -112,6 +112,7 @@ def main(path_folder: Path = Path("data/herlev_formatted"),                     
          lr: float = None,                        # default: each recipe's
          image_size: int = 224,                   # training image side in pixels
          workers: int = None,                     # data loader processes (default as R50.py)
+         memory_budget: float = None,             # GB for presized images in memory (default as R50.py; 0: off)
          out: Path = None):                       # results folder (default: path_folder/models/accuracy)
     "Train and test each recipe for each seed (and fold); print and write per-run scores and mean ± std."
     with TTLR50.user_errors():
@@ -126,7 +127,8 @@ def main(path_folder: Path = Path("data/herlev_formatted"),                     
                     start = time.perf_counter()
                     result = R50.train_r50(dataset, save_loc=f"accuracy_{recipe}_seed{seed}", epochs=epochs,
                                            batch_size=batch_size, lr=lr, image_size=image_size, pretrained=False,
-                                           seed=seed, workers=workers, recipe=recipe)
+                                           seed=seed, workers=workers, recipe=recipe,
+                                           memory_budget=memory_budget)
                     scores = test_scores(result["learner"], dataset / "test")
                     rows.append(dict(recipe=recipe, seed=seed, fold=fold, **scores,
                                      val_accuracy=result["scores"].loc["validation", "accuracy"],

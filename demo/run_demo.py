@@ -47,7 +47,6 @@ def main(out: Path = Path("demo_output"),  # everything the demo makes goes here
          seed: int = 0):                   # demo data seed
     "Run the whole Deep Cervical Cancer procedure on synthetic Pap-smear data."
     raw, sipakmed, herlev, extended = out / "raw", out / "sipakmed", out / "herlev", out / "sipakmed_extended"
-    cache = round(image_size * 1.15)
     run_step("1. synthetic raw datasets", "demo/synthetic_papsmear.py", out=raw, n_sipakmed=n_sipakmed,
              n_herlev=n_herlev, seed=seed)
     run_step("2a. divide SIPaKMeD 60/20/20", "implementation_DatasetDivision.py", path_dir=raw / "sipakmed",
@@ -57,10 +56,10 @@ def main(out: Path = Path("demo_output"),  # everything the demo makes goes here
     run_step("3. Extended DA (14 augmentations per training image)", "implementation_DataAugmentation_Extension.py",
              target_directory=sipakmed, output_directory=extended)
     run_step("4. R50 on Extended DA", "R50.py", path_folder=extended, epochs=epochs, batch_size=16, lr=lr,
-             image_size=image_size, pretrained=False, cache_size=cache)
+             image_size=image_size, pretrained=False)
     run_step("5. Triple Transfer Learning: Herlev, then SIPaKMeD", "R50Herlev.py",
              previous_model_DA=extended / "models" / "resnet50.pth", herlev_path=herlev, sipakmed_path=sipakmed,
-             herlev_epochs=ttl_epochs, epochs=ttl_epochs, lr=ttl_lr, image_size=image_size, cache_size=cache)
+             herlev_epochs=ttl_epochs, epochs=ttl_epochs, lr=ttl_lr, image_size=image_size)
     run_step("6. inference on the SIPaKMeD test split", "Inference_FastAI.py",
              model_path=sipakmed / "models" / "resnet50_ttl_sipakmed.pkl", test_dataset_path=sipakmed / "test")
     print(f"\nDone. Everything is under {out}; open the evaluation report "

@@ -40,18 +40,19 @@ def printed_validation_accuracy(stdout):
 def test_two_processes_write_each_file_once_and_report_the_whole_validation_set(formatted, tmp_path):
     path = shutil.copytree(formatted / "herlev", tmp_path / "herlev")
     result = launch("R50.py", "--path-folder", path, "--save-loc", "ddp", "--epochs", 2, "--batch-size", 8,
-                    "--image-size", 32, "--no-pretrained", "--workers", 0, "--cache-size", 37)
+                    "--image-size", 32, "--no-pretrained", "--workers", 0)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 processes × batch 8 = effective batch 16, lr 0.001 as given" in result.stdout
     assert result.stdout.count("validation ") == 1 and result.stdout.count("Next: evaluate") == 1
     files = sorted(p.name for p in (path / "models").iterdir())
     assert files == ["ddp.json", "ddp.pkl", "ddp.pth", "ddp_curves.png", "ddp_log.csv"]
-    cache = path / "cache" / "37px"  # built once, by process 0, before the others read it
+    assert "held in memory" in result.stdout  # the default in-memory path, on each process
+    cache = path / "cache" / "32px"  # presized once, by process 0, before the others read it
     assert len(list(cache.rglob("*.png"))) == len(list((path / "train").rglob("*.BMP"))) + len(
         list((path / "val").rglob("*.BMP"))) and not list(cache.rglob("*.partial"))
     log = pd.read_csv(path / "models" / "ddp_log.csv")
     assert list(log["epoch"]) == [0, 1]  # one writer: no line twice
-    learn = TTLR50.pap_learner(TTLR50.pap_dls(path, 32, 8, workers=0, cache_size=37), path=path)
+    learn = TTLR50.pap_learner(TTLR50.pap_dls(path, 32, 8, workers=0), path=path)
     TTLR50.load_weights(learn, path / "models" / "ddp.pth")
     recomputed = float(learn.validate()[1])
     assert printed_validation_accuracy(result.stdout) == pytest.approx(recomputed, abs=1e-4)

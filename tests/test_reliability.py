@@ -315,8 +315,13 @@ def test_data_that_cannot_train_is_refused_with_the_reason(formatted, tmp_path, 
     shutil.move(tmp_path / "aside", path / "train" / "normal_columnar")
     broken = sorted((path / "train" / "normal_columnar").iterdir())[0]
     broken.write_bytes(broken.read_bytes()[:200])  # truncated
-    err = one_line_error(capsys, R50.main, **options)
+    err = one_line_error(capsys, R50.main, **options)  # found while presizing, before training
+    assert f"cannot read image {broken} (" in err and "remove or replace" in err
+    err = one_line_error(capsys, R50.main, **options, memory_budget=0)  # found when training stops on it
     assert f"e.g. {broken} (" in err and "remove or replace" in err
+    broken.write_bytes(b"not an image")
+    err = one_line_error(capsys, R50.main, **options)  # found while measuring the presized images
+    assert f"cannot read image {broken} (UnidentifiedImageError" in err
 
 
 def test_export_path_in_a_new_folder_is_created(formatted, tmp_path):

@@ -73,7 +73,8 @@ def test_two_runs_building_at_once_leave_one_complete_cache(dataset):
 def test_cache_and_plain_path_give_the_same_validation_batch(dataset):
     batches = {}
     for cache_size in (None, 37):
-        dls = TTLR50.pap_dls(dataset, image_size=32, batch_size=20, workers=0, cache_size=cache_size)
+        dls = TTLR50.pap_dls(dataset, image_size=32, batch_size=20, workers=0, cache_size=cache_size,
+                             memory_budget=0)
         images, labels = dls.valid.one_batch()
         names = [f"{p.parent.name}/{p.name.removesuffix('.png')}" for p in dls.valid.items]
         batches[cache_size] = {n: (x, y) for n, x, y in zip(names, images, labels)}

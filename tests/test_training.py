@@ -155,10 +155,12 @@ def test_local_pretrained_weights_are_loaded_into_the_body(formatted, tmp_path):
 def test_help_lists_every_variable():
     for script, flags in {"R50.py": ["--path-folder", "--save-loc", "--model-path", "--export-path", "--epochs",
                                      "--batch-size", "--lr", "--image-size", "--no-pretrained",
-                                     "--pretrained-weights", "--seed", "--lr-find", "--cache-size"],
+                                     "--pretrained-weights", "--seed", "--lr-find", "--cache-size",
+                                     "--memory-budget"],
                           "R50Herlev.py": ["--previous-model-da", "--herlev-path", "--sipakmed-path",
                                            "--current-classes-of-dataset", "--output-classes-of-next-dataset",
-                                           "--herlev-epochs", "--herlev-batch-size", "--save-loc", "--start-stage"]
+                                           "--herlev-epochs", "--herlev-batch-size", "--save-loc", "--start-stage",
+                                           "--memory-budget"]
                           }.items():
         result = run_script(script, "--help")
         assert result.returncode == 0 and all(flag in result.stdout for flag in flags)

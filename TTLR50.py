@@ -27,7 +27,8 @@ from fastai.metrics import AccumMetric, accuracy, skm_to_fastai
 from fastai.torch_core import default_device, distrib_barrier, num_distrib, rank_distrib, set_seed
 from fastcore.basics import patch
 from fastai.vision.all import (DataLoaders, Datasets, ImageDataLoaders, IntToFloatTensor, Normalize, PILImage,
-                               Resize, ToTensor, aug_transforms, create_body, imagenet_stats, model_meta, vision_learner)
+                               Resize, ToTensor, aug_transforms, create_body, imagenet_stats, model_meta,
+                               vision_learner)
 from sklearn.metrics import f1_score, fbeta_score
 from torch import nn
 from torchvision.models import ResNet50_Weights, resnet50
@@ -35,8 +36,7 @@ from torchvision.models import ResNet50_Weights, resnet50
 from papfiles import (UserError, atomic_output, available_cpus, check_file_name, check_not_negative,  # noqa: F401
                       check_positive, class_names, is_sample_image, remove_partials, sample_images,
                       unreadable_images, user_errors, user_path)
-from presized import (build_cache, describe_stores, parallel_decode, presized_loader,  # noqa: F401
-                      presized_placement, resize_short_side)
+from presized import build_cache, describe_stores, parallel_decode, presized_loader, presized_placement  # noqa: F401
 
 # --- the final TTL stage's defaults (R50Herlev.py overrides them from its top or the command line) ------
 save_loc = "resnet50_ttl_sipakmed"   # final model: sipakmed_path/models/<save_loc>.pth and .pkl

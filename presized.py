@@ -128,17 +128,21 @@ def memory_placement(nbytes, memory_budget=None, device_type="cpu", gpu_memory=N
     return "cpu" if nbytes <= budget else None
 
 
-def presized_bytes(files, side):
-    "Bytes that `files` take as uint8 RGB once presized (shorter side `side`); only their headers are read."
+def image_sizes(files):
+    "(width, height) of each image of `files`, read from the headers alone by all cores."
     def size(file):
         try:
             with Image.open(file) as image:
-                width, height = presized_shape(*image.size, side)
+                return image.size
         except Exception as e:  # PIL raises many kinds for a broken file
             raise image_error(file, e) from None
-        return width * height * 3
     with ThreadPoolExecutor(available_cpus()) as pool:
-        return sum(pool.map(size, files))
+        return list(pool.map(size, files))
+
+
+def presized_bytes(files, side):
+    "Bytes that `files` take as uint8 RGB once presized (shorter side `side`); only their headers are read."
+    return sum(3 * width * height for width, height in (presized_shape(*size, side) for size in image_sizes(files)))
 
 
 def presized_placement(files, image_size, memory_budget=None, device_type="cpu"):
@@ -152,11 +156,8 @@ def presized_placement(files, image_size, memory_budget=None, device_type="cpu")
 def load_store(files, labels, placement):
     """Images `files` (RGB, any sizes) with their integer `labels`, held as one flat uint8 buffer of pixels and
     per-image start, height and width, on `placement` ("cuda", "pinned" or "cpu"). Decoded by all cores."""
-    shapes = []
-    for file in files:
-        with Image.open(file) as image:
-            shapes.append((image.height, image.width))
-    counts = [h * w for h, w in shapes]
+    widths, heights = zip(*image_sizes(files))
+    counts = [w * h for w, h in zip(widths, heights)]
     starts = [0, *np.cumsum(counts)[:-1].tolist()]
     pixels = np.empty((sum(counts), 3), dtype=np.uint8)
 
@@ -166,7 +167,6 @@ def load_store(files, labels, placement):
     with ThreadPoolExecutor(available_cpus()) as pool:
         list(pool.map(decode, range(len(files))))
     device = "cuda" if placement == "cuda" else "cpu"
-    heights, widths = zip(*shapes)
     store = dict(pixels=torch.from_numpy(pixels), **{name: torch.tensor(values, dtype=torch.int64) for name, values
                  in dict(starts=starts, heights=heights, widths=widths, labels=labels).items()})
     store = {k: v.to(device) for k, v in store.items()}
@@ -175,15 +175,19 @@ def load_store(files, labels, placement):
     return store
 
 
-def crop_batch(store, idxs, size, random_position):
-    """uint8 images [B, 3, size, size] of the store's images `idxs`, cut by indexing: a `size` square taken
-    along the longer side at a random position (training) or in the centre (validation), as fastai's
-    `Resize` crops an image whose shorter side is already `size`."""
+def store_index(store, idxs):
+    "Indices `idxs` as a tensor on the store's device."
+    return torch.as_tensor(list(idxs), dtype=torch.int64).to(store["pixels"].device)
+
+
+def crop_batch(store, i, size, random_position):
+    """uint8 images [B, 3, size, size] of the store's images `i` (a `store_index`), cut by indexing: a `size`
+    square taken along the longer side at a random position (training) or in the centre (validation), as
+    fastai's `Resize` crops an image whose shorter side is already `size`."""
     device = store["pixels"].device
-    i = torch.as_tensor(idxs, dtype=torch.int64).to(device)
     heights, widths = store["heights"][i], store["widths"][i]
     # Like Resize.before_call: one uniform draw per axis and image in training, 0.5 otherwise.
-    position = torch.rand(len(idxs), 2) if random_position else torch.full((len(idxs), 2), 0.5)
+    position = torch.rand(len(i), 2) if random_position else torch.full((len(i), 2), 0.5)
     position = position.to(device)
     top = ((heights - size) * position[:, 1]).long()
     left = ((widths - size) * position[:, 0]).long()
@@ -214,10 +218,8 @@ class PresizedDL(TfmdDL):
         size = resize_side(self)
         training = not getattr(self.dataset, "split_idx", None)  # Resize's rule: random unless split_idx is 1
         for idxs in self.chunkify(samps):
-            idxs = list(idxs)
-            images = crop_batch(self.store, idxs, size, training)
-            labels = self.store["labels"][torch.as_tensor(idxs).to(self.store["labels"].device)]
-            yield TensorImage(images), TensorCategory(labels)
+            i = store_index(self.store, idxs)
+            yield TensorImage(crop_batch(self.store, i, size, training)), TensorCategory(self.store["labels"][i])
 
     def new(self, dataset=None, cls=None, **kwargs):
         "The same kind of loader over the same store, or an ordinary file loader for other items."

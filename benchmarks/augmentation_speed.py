@@ -8,7 +8,6 @@ import resource
 import shutil
 import sys
 import tempfile
-import time
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from fastcore.script import call_parse
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent.parent / "demo")]
 import implementation_DataAugmentation_Extension as extension  # noqa: E402
 import synthetic_papsmear as demo  # noqa: E402
+from timing import timed  # noqa: E402
 
 
 def augment_like_the_original(folder, seed=42):
@@ -38,12 +38,6 @@ def worker_memory(path):
     return start / 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def timed(function, *args, **kwargs):
-    start = time.perf_counter()
-    function(*args, **kwargs)
-    return time.perf_counter() - start
-
-
 @call_parse
 def main(n_images: int = 10,    # source images (each gets 14 augmentations)
          width: int = 2048,     # image width (real SIPaKMeD cluster images: 2048)
@@ -62,9 +56,9 @@ def main(n_images: int = 10,    # source images (each gets 14 augmentations)
         for name in ("original", "1 worker", f"{workers} workers"):
             folder = shutil.copytree(source, Path(tmp) / name.replace(" ", "_"))
             if name == "original":
-                runs[name] = timed(augment_like_the_original, folder)
+                runs[name] = timed(augment_like_the_original, folder)[0]
             else:
-                runs[name] = timed(extension.extend_dataset, folder, workers=int(name.split()[0]), progress=False)
+                runs[name] = timed(extension.extend_dataset, folder, workers=int(name.split()[0]), progress=False)[0]
             shutil.rmtree(folder)
         one = shutil.copytree(source, Path(tmp) / "memory")
         with Pool(1) as pool:

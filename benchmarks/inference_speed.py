@@ -7,7 +7,6 @@ Run by hand (a GPU run: --n-images 192):
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +16,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).
 import TTLR50  # noqa: E402,I001
 import Inference_FastAI as inference  # noqa: E402
 import synthetic_papsmear as demo  # noqa: E402
+from timing import timed  # noqa: E402
 from fastai.learner import load_learner  # noqa: E402
 
 
@@ -40,15 +40,15 @@ def measure(learn, files, batch_sizes):
     """Rows (path, batch, seconds, predicted classes) of the loop and both batched loaders at each batch size,
     and (batch, seconds) of each loader decoding the images alone."""
     classes = list(map(str, learn.dls.vocab))
-    loop_seconds, looped = seconds_of(predict_one_by_one, learn, files)
+    loop_seconds, looped = timed(predict_one_by_one, learn, files)
     rows, decoding = [("per-image predict loop", "-", loop_seconds, looped)], []
     for batch_size in batch_sizes:
         plain = learn.dls.test_dl(files, bs=batch_size, num_workers=TTLR50.available_cpus())
-        decoding.append((batch_size, seconds_of(decode_all, plain)[0],
-                         seconds_of(decode_all, TTLR50.prediction_dl(learn, files, batch_size))[0]))
-        seconds, predicted = seconds_of(predict_batch_per_worker, learn, files, batch_size)
+        decoding.append((batch_size, timed(decode_all, plain)[0],
+                         timed(decode_all, TTLR50.prediction_dl(learn, files, batch_size))[0]))
+        seconds, predicted = timed(predict_batch_per_worker, learn, files, batch_size)
         rows.append(("fastai loader, a batch per worker", batch_size, seconds, [classes[i] for i in predicted]))
-        seconds, probabilities = seconds_of(inference.predict_files, learn, files, batch_size)
+        seconds, probabilities = timed(inference.predict_files, learn, files, batch_size)
         rows.append(("Inference_FastAI (image per task)", batch_size, seconds,
                      [classes[i] for i in probabilities.argmax(1)]))
     return rows, decoding
@@ -59,13 +59,6 @@ def export_untrained_model(folder, image_size):
     learn = TTLR50.pap_learner(TTLR50.pap_dls(folder, image_size, workers=0, memory_budget=0), path=folder)
     learn.export(folder / "model.pkl")
     return folder / "model.pkl"
-
-
-def seconds_of(function, *args):
-    "(seconds, result) of one call."
-    start = time.perf_counter()
-    result = function(*args)
-    return time.perf_counter() - start, result
 
 
 @call_parse

@@ -22,6 +22,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).
 import TTLR50  # noqa: E402,I001
 import presized  # noqa: E402
 import synthetic_papsmear as demo  # noqa: E402
+from timing import timed  # noqa: E402
 from fastai.callback.core import Callback  # noqa: E402
 from fastai.torch_core import find_bs  # noqa: E402
 
@@ -98,13 +99,6 @@ def end_to_end(folder, image_size, batch_size, epochs, workers, cache_size=None,
     with learn.no_bar(), learn.no_logging():
         learn.fit(epochs, 1e-3, cbs=timer)
     return statistics.median(timer.epochs[1:] or timer.epochs)
-
-
-def timed(function, *args, **kwargs):
-    "(seconds, result) of one call."
-    start = time.perf_counter()
-    result = function(*args, **kwargs)
-    return time.perf_counter() - start, result
 
 
 EXTENDED_DA_IMAGES = 576 * 15  # SIPaKMeD's training split of cluster images and their 14 augmentations each

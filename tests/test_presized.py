@@ -55,14 +55,17 @@ def cached_pixels(dataset, item, side):
 def test_batches_are_windows_of_the_presized_images_centred_for_validation(dataset):
     memory, _ = both_paths(dataset, image_size=40)
     store = memory.valid.store
-    crops = presized.crop_batch(store, range(len(memory.valid_ds)), 40, random_position=False)
+    crops = presized.crop_batch(store, presized.store_index(store, range(len(memory.valid_ds))), 40,
+                                 random_position=False)
     for i, item in enumerate(memory.valid.items):
         image = cached_pixels(dataset, item, 40)
         h, w = image.shape[:2]
         top, left = int(0.5 * (h - 40)), int(0.5 * (w - 40))  # fastai Resize's validation rule
         assert np.array_equal(crops[i].permute(1, 2, 0).numpy(), image[top:top + 40, left:left + 40])
     torch.manual_seed(0)
-    crops = presized.crop_batch(memory.train.store, range(len(memory.train_ds)), 40, random_position=True)
+    store = memory.train.store
+    crops = presized.crop_batch(store, presized.store_index(store, range(len(memory.train_ds))), 40,
+                                random_position=True)
     offsets = []
     for i, item in enumerate(memory.train.items):
         image = cached_pixels(dataset, item, 40)

@@ -53,7 +53,7 @@ def load_classifier(model_path, files, batch_size=batch_size):
         except Exception as e:  # a broken pickle can raise almost anything
             raise TTLR50.UserError(f"cannot load {model_path} as a fastai export ({type(e).__name__}: {e})") from None
         classes = list(map(str, learn.dls.vocab))
-    # Batched convolutions run about 1.5x faster in channels-last on CPU too (benchmarks/inference_speed.py).
+    # ResNet50 ran 1.6x faster in channels-last on a 2-core CPU too (benchmarks/inference_speed.py, network alone).
     learn.model.to(memory_format=torch.channels_last)
     return learn, classes
 
@@ -102,9 +102,20 @@ def drop_unreadable(files, labels, test_dataset_path):
     skipped = [f"{f}: {reason}" for f, reason in broken.items()]
     kept = [(f, label) for f, label in zip(files, labels) if f not in broken]
     if not kept:
-        raise TTLR50.UserError(f"none of the {len(files)} images in {test_dataset_path} can be read", code=1)
+        raise TTLR50.UserError(f"none of the {len(files)} images in {test_dataset_path} can be read — check that "
+                               "they are image files, then run again")
     files, labels = map(list, zip(*kept))
     return files, labels, skipped
+
+
+def check_split_leaks(test_dataset_path):
+    """The leak check's line for a test folder that is a split of a formatted dataset (refused when the
+    dataset's splits share images: `leakcheck.check_leaks`), or a line saying that it was not run."""
+    path = TTLR50.user_path(test_dataset_path)
+    if path.name in TTLR50.SPLITS and any((path.parent / split).is_dir() for split in TTLR50.SPLITS
+                                          if split != path.name):
+        return TTLR50.check_leaks(path.parent)
+    return f"leak check: not run ({path} is not the {'/'.join(TTLR50.SPLITS)} folder of a formatted dataset)"
 
 
 def check_classes(labels, classes, test_dataset_path):
@@ -139,9 +150,7 @@ def plot_confusion(matrix, classes, png, title):
     ConfusionMatrixDisplay(np.array(matrix), display_labels=classes).plot(ax=ax, cmap="Blues", colorbar=False,
                                                                           xticks_rotation=35)
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    TTLR50.plt.close(fig)
+    TTLR50.save_figure(fig, png)
 
 
 def predictions_table(files, labels, runs, classes):
@@ -167,6 +176,7 @@ def evaluate_folder(model_path, test_dataset_path, output_dir=None, batch_size=b
     TTLR50.check_not_negative(gradcam=gradcam)
     model_path = TTLR50.user_path(model_path)
     files, labels, left_out = list_inputs(test_dataset_path)
+    leak_check = check_split_leaks(test_dataset_path)
     output_dir = TTLR50.user_path(output_dir or model_path.with_name(f"{model_path.stem}_inference"))
     output_dir.mkdir(parents=True, exist_ok=True)  # before the slow part: an unusable folder fails at once
     learn, classes = load_classifier(model_path, files, batch_size)
@@ -181,9 +191,10 @@ def evaluate_folder(model_path, test_dataset_path, output_dir=None, batch_size=b
     if tta:
         runs["tta"] = predict_files(learn, files, batch_size, tta=True)
     table = predictions_table(files, labels, runs, classes)
-    table.to_csv(output_dir / "predictions.csv", index=False)
+    with TTLR50.atomic_output(output_dir / "predictions.csv") as tmp:
+        table.to_csv(tmp, index=False)
     result = dict(table=table, classes=classes, skipped=skipped, left_out=left_out, output_dir=output_dir,
-                  metrics={})
+                  metrics={}, leak_check=leak_check)
     truth = None if labels[0] is None else [classes.index(label) for label in labels]
     if truth is not None:
         for name, probabilities in runs.items():
@@ -194,9 +205,10 @@ def evaluate_folder(model_path, test_dataset_path, output_dir=None, batch_size=b
                        f"{Path(model_path).name} on {Path(test_dataset_path).name}: "
                        f"accuracy {result['metrics']['plain']['accuracy']:.4f}")
     summary = dict(model_path=str(model_path), test_dataset_path=str(test_dataset_path), classes=classes,
-                   n_images=len(files), skipped=skipped, left_out=list(map(str, left_out)),
+                   n_images=len(files), skipped=skipped, left_out=list(map(str, left_out)), leak_check=leak_check,
                    **{name: {k: v for k, v in m.items() if k != "report_text"} for name, m in result["metrics"].items()})
-    (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    with TTLR50.atomic_output(output_dir / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
     result["report"], result["gradcam_skipped"] = papreport.write_report(learn, files, truth, runs["plain"], classes,
                                                                          summary, output_dir, gradcam)
     return result
@@ -245,6 +257,7 @@ def main(model_path: Path = model_path,                # .pkl export, or .pth we
                   f"(e.g. {result['left_out'][0].name}): their class is unknown — move them into a class folder")
         if result["gradcam_skipped"]:
             print(result["gradcam_skipped"])
+        print(result["leak_check"])
         print(f"\n{len(table)} images predicted, {len(result['skipped'])} skipped; reports in {result['output_dir']}")
         print(f"report: {result['report']}")
         if result["skipped"]:

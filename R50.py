@@ -32,7 +32,7 @@ memory_budget = None            # GB the presized images may hold in memory (Non
 def find_lr(learn, png):
     "Run fastai's learning-rate finder, save its plot, and return the suggested rate (lr is left as set)."
     suggestion = learn.lr_find(show_plot=True)
-    TTLR50.plt.gcf().savefig(png, dpi=100)
+    TTLR50.save_figure(TTLR50.plt.gcf(), png)
     TTLR50.plt.close("all")
     return suggestion.valley
 
@@ -57,7 +57,8 @@ def train_r50(path_folder, save_loc=save_loc, model_path=None, export_path=None,
     if lr_find:
         png = Path(path_folder) / "models" / f"{save_loc}_lr_find.png"
         print(f"lr_find suggests lr = {find_lr(learn, png):.2e} (plot: {png}); training with lr = {lr:g}")
-    return TTLR50.train_and_save(learn, epochs, lr, save_loc, export_path, image_size, recipe)
+    return TTLR50.train_and_save(learn, epochs, lr, save_loc, export_path=export_path, image_size=image_size,
+                                 recipe=recipe, start_weights=model_path)
 
 
 @call_parse
@@ -86,6 +87,7 @@ def main(path_folder: Path = path_folder,        # formatted dataset: train/ val
         if not TTLR50.is_main_process():
             return
         print(result["scores"].round(4).to_string())
+        print(result["leak_check"])
         for key in ("weights", "classes", "export", "log", "curves"):
             print(f"{key:>8}: {result[key]}")
         print(f"Next: evaluate with Inference_FastAI.py --model-path {result['export']} "

@@ -104,7 +104,7 @@ def main(previous_model_DA: Path = previous_model_DA,          # R50.py's .pth t
             return
         for stage, result in results.items():
             print(f"{stage} stage: validation accuracy {result['scores'].loc['validation', 'accuracy']:.4f}, "
-                  f"weights {result['weights']}")
+                  f"weights {result['weights']}; {result['leak_check']}")
         final = results["sipakmed"]
         print(f"Final model: {final['weights']} and {final['export']}")
         print(f"Next: Inference_FastAI.py --model-path {final['export']} "

@@ -7,6 +7,7 @@ The final TTL stage's defaults (its `save_loc` among them) are set here, once.
 """
 import json
 import os
+import shutil
 import socket
 import warnings
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from fastai.callback.all import CSVLogger, MixUp, SaveModelCallback
 from fastai.distributed import DistributedDL, rank0_first
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
 from fastai.metrics import AccumMetric, accuracy, skm_to_fastai
-from fastai.torch_core import default_device, distrib_barrier, num_distrib, rank_distrib, set_seed
+from fastai.torch_core import default_device, distrib_barrier, init_default, num_distrib, rank_distrib, set_seed
 from fastcore.basics import patch
 from fastai.vision.all import (DataLoaders, Datasets, ImageDataLoaders, IntToFloatTensor, Normalize, PILImage,
                                Resize, ToTensor, aug_transforms, create_body, imagenet_stats, model_meta,
@@ -33,10 +34,11 @@ from sklearn.metrics import f1_score, fbeta_score
 from torch import nn
 from torchvision.models import ResNet50_Weights, resnet50
 
-from papfiles import (UserError, atomic_output, available_cpus, check_file_name, check_not_negative,  # noqa: F401
-                      check_positive, class_names, is_sample_image, remove_partials, sample_images,
-                      unreadable_images, user_errors, user_path)
+from papfiles import (SPLITS, UserError, atomic_output, available_cpus, check_file_name,  # noqa: F401
+                      check_not_negative, check_positive, class_names, is_sample_image, remove_partials,
+                      sample_images, unreadable_images, user_errors, user_path)
 from presized import build_cache, describe_stores, parallel_decode, presized_loader, presized_placement  # noqa: F401
+from leakcheck import check_leaks
 
 # --- the final TTL stage's defaults (R50Herlev.py overrides them from its top or the command line) ------
 save_loc = "resnet50_ttl_sipakmed"   # final model: sipakmed_path/models/<save_loc>.pth and .pkl
@@ -127,12 +129,17 @@ def pap_dls(path_folder, image_size=image_size, batch_size=batch_size, seed=42, 
     every script. The images are presized once and held in memory when they fit `memory_budget` (GB; None:
     automatic, 0: never; see `presized.memory_placement`); otherwise each epoch decodes the image files, or
     with `cache_size` the decoded-image cache. Refuses a batch larger than the training set, which would
-    train no step at all."""
+    train no step at all, and a dataset whose splits share images (`leakcheck.check_leaks`); the leak
+    check's line is kept as `dls.leak_check`."""
     check_positive(image_size=image_size, batch_size=batch_size, cache_size=cache_size)
     check_not_negative(workers=workers, memory_budget=memory_budget)
     path_folder = user_path(path_folder)
     check_formatted(path_folder)
     join_launcher()
+    # Under a launcher, rank 0 hashes and remembers the files while the others wait, then they only read.
+    leak_check = rank0_first(check_leaks, path_folder, progress=is_main_process())
+    if is_main_process():
+        print(leak_check)
     settings = current_speed_settings(workers)
     item_tfms, batch_tfms = pap_transforms(image_size, recipe)
 
@@ -159,6 +166,7 @@ def pap_dls(path_folder, image_size=image_size, batch_size=batch_size, seed=42, 
         print(f"data: {len(dls.train_ds)} train / {len(dls.valid_ds)} val images, "
               + (f"presized to {image_size} px and held in memory ({describe_stores(dls.loaders)})"
                  if placement else f"decoded from {'the cache' if cache_size else 'their files'} every epoch"))
+    dls.leak_check = leak_check
     return dls
 
 
@@ -297,7 +305,7 @@ def swap_head(learn, n_out):
     and device), and drop the optimiser so that the next fit creates one that trains the new layer."""
     index, old = head_linear(learn.model)
     new = nn.Linear(old.in_features, n_out, bias=old.bias is not None).to(old.weight.device)
-    nn.init.kaiming_normal_(new.weight)  # as fastai initialises its heads
+    init_default(new, nn.init.kaiming_normal_)  # fastai's head init: Kaiming-normal weights, zero bias
     learn.model[1][index] = new
     learn.opt = None  # fastai's fit only makes a new optimiser when there is none
     return learn
@@ -364,6 +372,15 @@ def write_class_list(learn, weights, image_size):
         tmp.write_text(json.dumps(info, indent=2))
 
 
+def save_figure(fig, png):
+    "Write a figure to `png` (through a temporary name, so a kill never leaves half a picture) and close it."
+    fig.tight_layout()
+    with atomic_output(png) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return png
+
+
 def plot_training(log_csv, png):
     "Training curves from fastai's CSV log: losses, and the metrics, per epoch."
     log = pd.read_csv(log_csv)
@@ -371,10 +388,7 @@ def plot_training(log_csv, png):
     log.plot(x="epoch", y=["train_loss", "valid_loss"], ax=losses, marker="o", title="loss")
     log.plot(x="epoch", y=["accuracy", "f2_weighted", "f1_weighted"], ax=metrics, marker="o",
              title="validation metrics", ylim=(0, 1.02))
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
+    return save_figure(fig, png)
 
 
 def evaluate(learn):
@@ -413,33 +427,55 @@ def fit_recipe(learn, epochs, lr, cbs, recipe="original"):
                         "them, then run again") from None
 
 
-def train_and_save(learn, epochs, lr, save_loc, export_path=None, image_size=image_size, recipe="original"):
+def best_epoch_keeper(learn, save_loc, start_weights=None):
+    """fastai's `SaveModelCallback` keeping the best epoch by validation accuracy aside, in
+    models/.<save_loc>.running.pth, so that the run's earlier weights stay until it ends. A run that starts
+    from its own weights (`start_weights` is models/<save_loc>.pth) keeps them unless an epoch beats their
+    validation accuracy."""
+    models = Path(learn.path) / learn.model_dir
+    keeper = SaveModelCallback(monitor="accuracy", fname=f".{save_loc}.running", reset_on_fit=False)
+    own = models / f"{save_loc}.pth"
+    if start_weights is not None and own.exists() and Path(user_path(start_weights)).samefile(own):
+        keeper.best = float(learn.validate()[1])  # [loss, accuracy, ...]
+        if is_main_process():
+            shutil.copy2(own, models / f".{save_loc}.running.pth")
+            print(f"starting from {own} (validation accuracy {keeper.best:.4f}): it stays unless an epoch beats it")
+    return keeper
+
+
+def train_and_save(learn, epochs, lr, save_loc, export_path=None, image_size=image_size, recipe="original",
+                   start_weights=None):
     """Train the whole network with the recipe's schedule, keep the epoch with the best validation accuracy,
     save its weights (.pth + class list .json), export the learner (.pkl), and write the CSV log and curves.
+    The best weights and the log are written aside while training (`best_epoch_keeper`) and take the place
+    of a previous run's only once it ends, so a killed run leaves the previous outputs as they were.
 
-    Returns a dict of the files written and the final validation/training scores."""
+    Returns a dict of the files written, the final validation/training scores and the leak check's line."""
     models = Path(learn.path) / learn.model_dir
     export_path = user_path(export_path or models / f"{save_loc}.pkl")
     models.mkdir(parents=True, exist_ok=True)
     export_path.parent.mkdir(parents=True, exist_ok=True)
-    log = models / f"{save_loc}_log.csv"
+    weights, log = models / f"{save_loc}.pth", models / f"{save_loc}_log.csv"
+    running_log = models / f".{save_loc}_log.running.csv"
     curves = models / f"{save_loc}_curves.png"
     learn.unfreeze()
+    keeper = best_epoch_keeper(learn, save_loc, start_weights)
     if is_main_process():
         print(f"training {save_loc}: recipe {recipe}, {epochs} epochs, {describe_batches(learn.dls.bs, lr)}")
     # fastai saves the best epoch's weights from rank 0 only; the log, the exports and the pictures too.
-    cbs = [SaveModelCallback(monitor="accuracy", fname=save_loc)] + ([CSVLogger(fname=log)] if is_main_process() else [])
+    cbs = [keeper] + ([CSVLogger(fname=running_log)] if is_main_process() else [])
     fit_recipe(learn, epochs, lr, cbs, recipe)
     # SaveModelCallback wrote the best epoch's weights (no optimiser: loadable with weights_only) and every
     # process has loaded them back; writing them again could race with a process still reading.
-    weights = models / f"{save_loc}.pth"
     if is_main_process():
+        os.replace(models / f".{save_loc}.running.pth", weights)
+        os.replace(running_log, log)
         write_class_list(learn, weights, image_size)
         export_atomically(learn, export_path)
         plot_training(log, curves)
     distrib_barrier()  # the other processes go on (to a next TTL stage, say) once the files are complete
     return dict(weights=weights, classes=weights.with_suffix(".json"), export=export_path, log=log,
-                curves=curves, scores=evaluate(learn), learner=learn)
+                curves=curves, scores=evaluate(learn), learner=learn, leak_check=learn.dls.leak_check)
 
 
 def check_training_options(save_loc, **numbers):
@@ -458,4 +494,5 @@ def ttl_stage(data_path, start_weights, save_loc=save_loc, epochs=epochs, batch_
                   recipe=recipe, memory_budget=memory_budget)
     learn = pap_learner(dls, pretrained=False, path=data_path, recipe=recipe)
     load_weights_across_heads(learn, start_weights)
-    return train_and_save(learn, epochs, lr, save_loc, image_size=image_size, recipe=recipe)
+    return train_and_save(learn, epochs, lr, save_loc, image_size=image_size, recipe=recipe,
+                          start_weights=start_weights)

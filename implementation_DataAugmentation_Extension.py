@@ -4,7 +4,6 @@ Each output depends only on (seed, the image's relative path, the group), so rer
 workers give the same files; a rerun only writes what is missing.
 """
 import hashlib
-import re
 import time
 import warnings
 from multiprocessing import Pool
@@ -17,7 +16,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from papfiles import (IMAGE_EXTENSIONS, UserError, atomic_output, available_cpus, check_not_negative, copy_atomically,
-                      is_inside, is_partial, remove_partials, sample_images, user_errors, user_path)
+                      is_augmentation, is_inside, is_partial, is_sample_image, remove_partials, same_file_content,
+                      sample_images, source_stem, user_errors, user_path)
 
 # imgaug 0.4.0 reads np.sctypes at import time, and NumPy 2 removed it. Every import of imgaug in this
 # project goes through this module, so this is the one place that puts the table back (nothing else of
@@ -38,10 +38,8 @@ seed = 42                    # same seed, same augmented images
 workers = available_cpus()   # processes that augment in parallel (default: all available cores)
 splits = ["train"]           # formatted root: the splits to augment (val/test would leak into evaluation)
 output_format = None         # None: each source's own format; "jpg" (as the original) saves disk on BMP sources
+force = False                # output_directory: remove the copy's images that are not in target_directory
 # ---------------------------------------------------------------------------------------------------
-
-AUGMENTED = re.compile(r"_aug\d{2}$")
-
 
 def augmentation_groups():
     "The 14 augmentation groups of the original, in its order; each makes one image from one image."
@@ -124,7 +122,7 @@ def image_roots(target_directory, splits):
 def list_images(target_directory, splits):
     "The source images to augment (in linked class folders too): never augmentation outputs, masks or non-images."
     return sorted(p for root in image_roots(target_directory, splits) if root.is_dir()
-                  for p in sample_images(root) if p.is_file() and not AUGMENTED.search(p.stem))
+                  for p in sample_images(root) if p.is_file() and not is_augmentation(p))
 
 
 def check_collisions(images, suffix):
@@ -175,20 +173,53 @@ def target_folder(target_directory):
     return target
 
 
-def copy_dataset(source, destination, progress=True):
-    """Copy the files of `source` missing in `destination` (the source is only read); each copy is atomic,
-    so a killed copy is redone by the next run instead of leaving a truncated image."""
+DERIVED = ("models", "cache")  # top-level folders of a dataset that hold results made from it, not samples
+
+
+def dataset_files(folder):
+    "The files of a dataset folder that its copy mirrors: all but temporary files and the models/ and cache/ folders."
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not is_partial(p)
+                  and p.relative_to(folder).parts[0] not in DERIVED)
+
+
+def stale_images(source, copy):
+    """Images of `copy` that do not mirror `source`: absent from it or holding other bytes, and Extended DA
+    outputs of such images or of images `source` does not have. A copy of another division holds them."""
+    originals = {(p.relative_to(source).parent, p.stem) for p in dataset_files(source) if is_sample_image(p)}
+    images = [p for p in dataset_files(copy) if is_sample_image(p)]
+    stale = [p for p in images if not is_augmentation(p)
+             and not same_file_content(p, source / p.relative_to(copy))]
+    mirrored = originals.difference((p.relative_to(copy).parent, p.stem) for p in stale)
+    return stale + [p for p in images if is_augmentation(p)
+                    and (p.relative_to(copy).parent, source_stem(p)) not in mirrored]
+
+
+def copy_dataset(source, destination, force=False, progress=True):
+    """Make `destination` mirror the dataset `source` (which is only read): copy what is missing, and the
+    non-image files (split.csv) that differ. Images of the copy that do not mirror the source (`stale_images`)
+    are refused, or removed with `force`. Each copy is atomic, so a killed copy is redone by the next run.
+
+    Returns (destination, images removed)."""
     source, destination = target_folder(source), user_path(destination)
-    if is_inside(destination, source):
-        raise UserError(f"output_directory {destination} is inside target_directory — choose a folder outside it")
+    if is_inside(destination, source) or is_inside(source, destination):
+        raise UserError(f"output_directory {destination} and target_directory {source} lie one inside the other "
+                        "— choose an output_directory outside the dataset")
+    stale = stale_images(source, destination) if destination.is_dir() else []
+    if stale and not force:
+        examples = ", ".join(str(p.relative_to(destination)) for p in stale[:3])
+        raise UserError(f"output_directory {destination} holds {len(stale)} image(s) that are not in "
+                        f"target_directory {source} (e.g. {examples}): a copy of another division, whose images "
+                        "may now be test images — pass --force to remove them from the copy, or choose an empty "
+                        "output_directory")
+    for image in stale:
+        image.unlink()
     if destination.is_dir():
         remove_partials(destination)
-    files = sorted(p for p in source.rglob("*") if p.is_file() and not is_partial(p))
-    for path in tqdm(files, desc="copy", unit="file", disable=not progress):
+    for path in tqdm(dataset_files(source), desc="copy", unit="file", disable=not progress):
         target = destination / path.relative_to(source)
-        if not target.exists():
+        if not target.exists() or not (is_sample_image(path) or same_file_content(path, target)):
             copy_atomically(path, target)
-    return destination
+    return destination, stale
 
 
 def extend_dataset(target_directory, n_augmentations=14, seed=42, workers=None, splits=("train",),
@@ -233,14 +264,17 @@ def main(target_directory: Path = target_directory,  # class folders, or a forma
          seed: int = seed,                           # same seed, same augmented images
          workers: int = workers,                     # processes that augment in parallel (0: one per core)
          splits: Annotated[list, {"nargs": "+", "type": str}] = splits,  # formatted root: splits to augment
-         output_format: str = output_format):        # e.g. jpg (default: each source's own format)
+         output_format: str = output_format,         # e.g. jpg (default: each source's own format)
+         force: bool = force):                       # remove the copy's images that are not in target_directory
     "Write the Extended DA dataset: 14 imgaug augmentations beside every training image."
     with user_errors():
         if set(splits) - {"train"}:
             warnings.warn(f"augmenting {sorted(set(splits) - {'train'})}: augmented copies of evaluation "
                           "images make validation/test scores optimistic", stacklevel=1)
         if output_directory is not None:
-            target_directory = copy_dataset(target_directory, output_directory)
+            target_directory, removed = copy_dataset(target_directory, output_directory, force=force)
+            if removed:
+                print(f"removed {len(removed)} image(s) of another division from {target_directory}")
         summary = extend_dataset(target_directory, n_augmentations, seed, workers, splits, output_format)
         for error in summary["errors"]:
             print(f"skipped unreadable image {error}")

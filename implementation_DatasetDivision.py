@@ -5,7 +5,6 @@ Writes <output_dir>/{train,val,test}/<class>/, an empty <output_dir>/models/ and
 """
 import csv
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -14,8 +13,8 @@ from fastcore.script import call_parse
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
-from papfiles import (UserError, atomic_output, copy_atomically, is_inside, is_partial, is_sample_image,
-                      remove_partials, same_file_content, user_errors, user_path)
+from papfiles import (SPLITS, UserError, atomic_output, cell_cluster, copy_atomically, is_augmentation, is_inside,
+                      is_partial, is_sample_image, remove_partials, same_file_content, user_errors, user_path)
 
 # --- edit these -----------------------------------------------------------------------------------
 path_dir = Path("data/sipakmed")                # the raw dataset as downloaded (SIPaKMeD or Herlev)
@@ -30,10 +29,7 @@ move = False                                    # move the files out of path_dir
 force = False                                   # replace a different division already in output_dir
 # ---------------------------------------------------------------------------------------------------
 
-SPLITS = ("train", "val", "test")
 HERLEV_SUBFOLDER = "New database pictures"
-# SIPaKMeD's cropped cells are named NNN_KK.bmp: cell KK cut from cluster image NNN.bmp of the same class.
-CELL_NAME = re.compile(r"^(?P<cluster>\d+)_\d+$")
 
 
 def class_folders(path_dir, cropped=False):
@@ -100,11 +96,11 @@ def split_class(files, training_size=0.6, validation_size=0.2, testing_size=0.2,
 
 def cluster_of(file):
     "The cluster image a cropped SIPaKMeD cell was cut from: NNN of NNN_KK.bmp."
-    match = CELL_NAME.match(Path(file).stem)
-    if not match:
+    cluster = cell_cluster(file)
+    if cluster is None or is_augmentation(file):
         raise UserError(f"cannot tell which cluster image {file} was cut from (cells are named NNN_KK.bmp) — "
                         "rename it, or pass --no-group-cells to divide cell by cell")
-    return match["cluster"]
+    return cluster
 
 
 def plan_division(samples, sizes, random_state, grouped=False):

@@ -8,8 +8,10 @@ start in about a second. TTLR50.py (data and learners) builds on it; the scripts
 import errno
 import filecmp
 import os
+import re
 import shutil
 import sys
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +20,11 @@ from PIL import Image
 
 IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff")
 PARTIAL = ".partial"  # suffix of files being written; see atomic_output
+AUGMENTED = re.compile(r"_aug\d{2}$")  # Extended DA's outputs: <source stem>_augNN.<ext>
+SPLITS = ("train", "val", "test")  # the split folders of a formatted dataset
+# SIPaKMeD's cropped cells are named NNN_KK.bmp: cell KK cut from cluster image NNN.bmp of the same class.
+CELL_NAME = re.compile(r"^(?P<cluster>\d+)_\d+$")
+INTERNAL_ERROR = 3  # exit code of an error that is a fault of the scripts, not of the user's input
 
 
 class UserError(Exception):
@@ -44,7 +51,8 @@ def describe_os_error(error):
 @contextmanager
 def user_errors():
     """Print a `UserError`, or an operating-system error on a user's path (an output folder that is
-    read-only, missing, or a file), as one line on stderr and exit with its code (2 = bad input)."""
+    read-only, missing, or a file), as one line on stderr and exit with its code (2 = bad input). Any other
+    error is a fault of the scripts: its traceback, a line asking to report it, and exit code 3."""
     try:
         yield
     except UserError as e:
@@ -53,6 +61,11 @@ def user_errors():
     except OSError as e:
         print(f"error: {describe_os_error(e)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Exception as e:  # noqa: BLE001  every other error is ours, and is reported as such
+        traceback.print_exc()
+        print(f"internal error: {type(e).__name__}: {e} — this is a fault of the scripts, not of your input; "
+              "please report it with the traceback above", file=sys.stderr)
+        raise SystemExit(INTERNAL_ERROR) from None
 
 
 def user_path(path):
@@ -87,6 +100,22 @@ def check_file_name(name, what="save_loc"):
         raise UserError(f"{what} {name!r} must be a plain name without folders (it names files under models/) "
                         f"— e.g. --{what.replace('_', '-')} resnet50")
     return name
+
+
+def source_stem(path):
+    "The stem of the image an Extended DA output `<stem>_augNN.<ext>` was made from; any other file's own stem."
+    return AUGMENTED.sub("", Path(path).stem)
+
+
+def is_augmentation(path):
+    "True for an Extended DA output (`<stem>_augNN.<ext>`)."
+    return source_stem(path) != Path(path).stem
+
+
+def cell_cluster(path):
+    "The cluster image (NNN, as written) a SIPaKMeD cell `NNN_KK` or its augmentation was cut from; None for other names."
+    match = CELL_NAME.match(source_stem(path))
+    return match["cluster"] if match else None
 
 
 def is_sample_image(path):
@@ -150,6 +179,14 @@ def remove_partials(folder):
     "Delete the temporary files a killed run left under `folder` (only names `atomic_output` makes)."
     for tmp in Path(folder).rglob(f".*{PARTIAL}"):
         tmp.unlink(missing_ok=True)
+
+
+def file_stamp(path):
+    """[size, modification time, change time] of a file, which tell whether it changed since it was read. The
+    change time (ctime) moves whenever the bytes are replaced, also by the tools that keep the modification
+    time (cp -p, rsync -a, tar x), and no tool can set it back."""
+    stat = Path(path).stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
 
 
 def same_file_content(a, b):

@@ -108,9 +108,7 @@ def plot_roc(curves, macro_auc, png):
     ax.set(xlabel="false positive rate (1 − specificity)", ylabel="true positive rate (sensitivity)",
            title=f"ROC, one class against the rest (macro AUC {macro_auc:.3f})" if macro_auc else "ROC")
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    TTLR50.plt.close(fig)
+    TTLR50.save_figure(fig, png)
 
 
 def plot_calibration(table, ece, png):
@@ -127,9 +125,7 @@ def plot_calibration(table, ece, png):
     ax.set(xlim=(0, 1), ylim=(0, 1.05), xlabel="confidence (top probability)", ylabel="accuracy",
            title=f"calibration: ECE {ece:.3f} (numbers: images per bin)")
     ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    TTLR50.plt.close(fig)
+    TTLR50.save_figure(fig, png)
 
 
 def conv_target_layer(model):
@@ -191,9 +187,7 @@ def save_overlay(image, heat, png, title):
     ax.imshow(show_cam_on_image(image.astype(np.float32), heat, use_rgb=True))
     ax.set_title(title, fontsize=8)
     ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    TTLR50.plt.close(fig)
+    TTLR50.save_figure(fig, png)
 
 
 def gradcam_gallery(learn, files, truth, probabilities, classes, output_dir, n):

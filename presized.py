@@ -24,11 +24,15 @@ from fastai.vision.augment import Resize
 from PIL import Image
 from tqdm import tqdm
 
-from papfiles import UserError, atomic_output, available_cpus, remove_partials, sample_images
+from papfiles import UserError, atomic_output, available_cpus, file_stamp, remove_partials, sample_images
 
 GB = 2 ** 30
 AUTO_SHARE = 0.25  # share of the GPU's (or, on CPU, the free RAM's) memory the images may take by default
 PINNED_SHARE = 0.5  # share of the free RAM that pinned host memory may take when the GPU budget is too small
+RESAMPLING = Image.Resampling.BILINEAR  # how presized images are resized
+# What a cache entry depends on besides its source; a cache made under other values is rebuilt. Bump the
+# version whenever the way an entry is made changes.
+CACHE_FORMAT = dict(version=2, resampling=RESAMPLING.name.lower(), format="png")
 
 
 def presized_shape(width, height, side):
@@ -39,7 +43,7 @@ def presized_shape(width, height, side):
 
 def resize_short_side(image, size):
     "Resize a PIL image so that its shorter side is `size`, keeping the aspect ratio."
-    return image.resize(presized_shape(*image.size, size), Image.Resampling.BILINEAR)
+    return image.resize(presized_shape(*image.size, size), RESAMPLING)
 
 
 def split_images(path_folder, splits=("train", "val")):
@@ -71,8 +75,9 @@ def build_cache(path_folder, cache_size, splits=("train", "val"), progress=True,
     `cache_size`, into path_folder/cache/<cache_size>px with `workers` threads (default: one per core), and
     return that folder.
 
-    An image is redone when its source changes (size or modification time); cache files whose source is
-    gone are removed. The source dataset is only read. Two runs at once take turns on a lock file.
+    An image is redone when its source changes (size, modification or change time: `papfiles.file_stamp`), and
+    every image when the cache was made in another format (`CACHE_FORMAT`); cache files whose source is gone
+    are removed. The source dataset is only read. Two runs at once take turns on a lock file.
     """
     path_folder = Path(path_folder)
     root = path_folder / "cache" / f"{cache_size}px"
@@ -80,14 +85,14 @@ def build_cache(path_folder, cache_size, splits=("train", "val"), progress=True,
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         manifest_path = root / "manifest.json"
-        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+        manifest = read_manifest(manifest_path)
         files = split_images(path_folder, splits) if files is None else files
         sources = {Path(p).relative_to(path_folder).as_posix(): Path(p) for p in files}
         gone = set(manifest) - set(sources)
         for rel in gone:
             (root / f"{rel}.png").unlink(missing_ok=True)
             del manifest[rel]
-        stamps = {rel: [p.stat().st_size, p.stat().st_mtime_ns] for rel, p in sources.items()}
+        stamps = {rel: file_stamp(p) for rel, p in sources.items()}
         todo = [rel for rel in sources if manifest.get(rel) != stamps[rel] or not (root / f"{rel}.png").exists()]
         remove_partials(root)
         # PIL releases the GIL while it decodes, resizes and compresses, so threads use every core.
@@ -100,8 +105,20 @@ def build_cache(path_folder, cache_size, splits=("train", "val"), progress=True,
             manifest[rel] = stamps[rel]
         if todo or gone or not manifest_path.exists():  # an unchanged cache is only read (several processes)
             with atomic_output(manifest_path) as tmp:
-                tmp.write_text(json.dumps(manifest, indent=0, sort_keys=True))
+                tmp.write_text(json.dumps(dict(CACHE_FORMAT, images=manifest), indent=0, sort_keys=True))
     return root
+
+
+def read_manifest(manifest_path):
+    """{relative source path: its `file_stamp` when its entry was made} of a cache; empty (every entry is redone)
+    when there is no manifest, or one written in another `CACHE_FORMAT` or by an older version."""
+    try:
+        manifest = json.loads(Path(manifest_path).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(manifest, dict) or any(manifest.get(k) != v for k, v in CACHE_FORMAT.items()):
+        return {}
+    return manifest.get("images", {})
 
 
 def free_ram():

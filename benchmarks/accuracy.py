@@ -22,7 +22,8 @@ from sklearn.model_selection import StratifiedGroupKFold  # noqa: E402
 
 import Inference_FastAI  # noqa: E402
 import R50  # noqa: E402
-from implementation_DatasetDivision import SPLITS, read_split_csv  # noqa: E402
+from implementation_DatasetDivision import read_split_csv  # noqa: E402
+from papfiles import SPLITS, is_augmentation, is_sample_image, source_stem  # noqa: E402
 
 SCORES = ["accuracy", "accuracy_tta", "macro_f1", "macro_f1_tta"]
 
@@ -42,12 +43,14 @@ def test_scores(learn, test_folder, batch_size=64):
 
 def fold_datasets(path_folder, folds, seed, out):
     """k formatted datasets over all images of `path_folder` (train+val+test): fold i tests on part i,
-    validates on part i+1 and trains on the rest; parts are stratified by class and keep each group of
-    split.csv (the cluster image of a cropped cell) together. Images are linked, not copied."""
+    validates on part i+1 and trains on the rest. Parts are stratified by class and keep each group together:
+    an image with its Extended DA outputs `<stem>_augNN`, and the cells of one cluster image (split.csv's group
+    column). Extended DA outputs only ever train: validation and test parts leave them out. Images are
+    linked, not copied."""
     images = sorted((p, p.parent.name) for split in SPLITS for p in (path_folder / split).glob("*/*")
-                    if TTLR50.is_sample_image(p))
-    groups_by_file = {Path(row[0]).name: row[3] for row in read_split_csv(path_folder) or [] if len(row) > 3}
-    groups = [f"{label}/{groups_by_file.get(p.name, p.name)}" for p, label in images]
+                    if is_sample_image(p))
+    groups_by_stem = {Path(row[0]).stem: row[3] for row in read_split_csv(path_folder) or [] if len(row) > 3}
+    groups = [f"{label}/{groups_by_stem.get(source_stem(p), source_stem(p))}" for p, label in images]
     labels = [label for _, label in images]
     parts = [test for _, test in StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
              .split(images, labels, groups)]
@@ -58,7 +61,7 @@ def fold_datasets(path_folder, folds, seed, out):
         for split in SPLITS:
             indices = roles.get(split, [i for k, part in enumerate(parts) if k not in (fold, (fold + 1) % folds)
                                         for i in part])
-            for i in indices:
+            for i in [i for i in indices if split == "train" or not is_augmentation(images[i][0])]:
                 link = root / split / labels[i] / images[i][0].name
                 link.parent.mkdir(parents=True, exist_ok=True)
                 if not link.is_symlink():
@@ -89,9 +92,7 @@ def plot_summary(runs, png):
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
     ax.set_title("test accuracy per recipe: runs (dots), mean ± std (bars)")
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    TTLR50.plt.close(fig)
+    TTLR50.save_figure(fig, png)
 
 
 def format_summary(summary):

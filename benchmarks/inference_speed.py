@@ -1,6 +1,10 @@
 """Prediction speed: the original's loop (one `learn.predict` call per image) against batched prediction, at
-batch 16 and 64, with the same exported model on the same images: fastai's loader with one worker per core
-(each worker decodes a whole batch) and Inference_FastAI.py's loader (each image decoded as its own task).
+batch 16 and 64, with the same exported model on the same images, loaded as Inference_FastAI.py loads it
+(channels-last): fastai's loader with one worker per core (each worker decodes a whole batch) and
+Inference_FastAI.py's loader (each image decoded as its own task). Also the network alone on random tensors,
+contiguous and channels-last, to show what the memory layout is worth on this machine.
+
+Every path runs once untimed (warm-up), then `repeats` times; the median is reported with the min–max.
 Run by hand (a GPU run: --n-images 192):
     .venv/bin/python benchmarks/inference_speed.py --n-images 40
 """
@@ -10,14 +14,14 @@ import tempfile
 from pathlib import Path
 from typing import Annotated
 
+import torch
 from fastcore.script import call_parse
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent.parent / "demo")]
 import TTLR50  # noqa: E402,I001
 import Inference_FastAI as inference  # noqa: E402
 import synthetic_papsmear as demo  # noqa: E402
-from timing import timed  # noqa: E402
-from fastai.learner import load_learner  # noqa: E402
+from timing import repeated, spread  # noqa: E402
 
 
 def predict_one_by_one(learn, files):
@@ -36,27 +40,43 @@ def decode_all(dl):
     return sum(len(images) for images, *_ in dl)
 
 
-def measure(learn, files, batch_sizes):
-    """Rows (path, batch, seconds, predicted classes) of the loop and both batched loaders at each batch size,
-    and (batch, seconds) of each loader decoding the images alone."""
+def network_alone(model, batch, memory_format):
+    "The model's outputs for one batch of random tensors in `memory_format` (no data loading)."
+    with torch.inference_mode():
+        return model(batch.to(memory_format=memory_format))
+
+
+def measure(learn, files, batch_sizes, image_size, repeats):
+    """Rows (path, batch, (median, min, max) seconds, predicted classes) of the loop and both batched loaders at
+    each batch size; (batch, timing a batch per worker, timing an image per task) of decoding alone; and
+    (batch, memory format, timing) of the network alone on as many random images as `files`."""
     classes = list(map(str, learn.dls.vocab))
-    loop_seconds, looped = timed(predict_one_by_one, learn, files)
-    rows, decoding = [("per-image predict loop", "-", loop_seconds, looped)], []
+    *loop_timing, looped = repeated(predict_one_by_one, learn, files, repeats=repeats)
+    rows, decoding, network = [("per-image predict loop", "-", loop_timing, looped)], [], []
     for batch_size in batch_sizes:
         plain = learn.dls.test_dl(files, bs=batch_size, num_workers=TTLR50.available_cpus())
-        decoding.append((batch_size, timed(decode_all, plain)[0],
-                         timed(decode_all, TTLR50.prediction_dl(learn, files, batch_size))[0]))
-        seconds, predicted = timed(predict_batch_per_worker, learn, files, batch_size)
-        rows.append(("fastai loader, a batch per worker", batch_size, seconds, [classes[i] for i in predicted]))
-        seconds, probabilities = timed(inference.predict_files, learn, files, batch_size)
-        rows.append(("Inference_FastAI (image per task)", batch_size, seconds,
+        decoding.append((batch_size, repeated(decode_all, plain, repeats=repeats)[:3],
+                         repeated(decode_all, TTLR50.prediction_dl(learn, files, batch_size), repeats=repeats)[:3]))
+        *timing, predicted = repeated(predict_batch_per_worker, learn, files, batch_size, repeats=repeats)
+        rows.append(("fastai loader, a batch per worker", batch_size, timing, [classes[i] for i in predicted]))
+        *timing, probabilities = repeated(inference.predict_files, learn, files, batch_size, repeats=repeats)
+        rows.append(("Inference_FastAI (image per task)", batch_size, timing,
                      [classes[i] for i in probabilities.argmax(1)]))
-    return rows, decoding
+    model = learn.model.eval()
+    for batch_size in batch_sizes:
+        batch = torch.randn(batch_size, 3, image_size, image_size, device=TTLR50.default_device())
+        for name, memory_format in (("contiguous", torch.contiguous_format), ("channels-last", torch.channels_last)):
+            model.to(memory_format=memory_format)
+            seconds = repeated(network_alone, model, batch, memory_format, repeats=repeats)[:3]
+            network.append((batch_size, name, [s * len(files) / batch_size for s in seconds]))
+    model.to(memory_format=torch.channels_last)  # as Inference_FastAI.load_classifier leaves it
+    return rows, decoding, network
 
 
 def export_untrained_model(folder, image_size):
     "A ResNet50 learner exported from a formatted demo folder (speed does not depend on the weights)."
-    learn = TTLR50.pap_learner(TTLR50.pap_dls(folder, image_size, workers=0, memory_budget=0), path=folder)
+    dls = TTLR50.pap_dls(folder, image_size, batch_size=5, workers=0, memory_budget=0)
+    learn = TTLR50.pap_learner(dls, path=folder)
     learn.export(folder / "model.pkl")
     return folder / "model.pkl"
 
@@ -66,29 +86,34 @@ def main(n_images: int = 40,     # test images (spread over the 5 classes)
          width: int = 2048,      # image width (real SIPaKMeD cluster images: 2048)
          height: int = 1536,     # image height (real: 1536)
          image_size: int = 224,  # model input side, as in training
-         batch_sizes: Annotated[list, {"nargs": "+", "type": int}] = [16, 64]):  # batches of the batched paths
-    """Print seconds and images/s of the per-image loop and of both batched loaders at each batch size, and
-    how long each loader takes to decode the images alone."""
+         batch_sizes: Annotated[list, {"nargs": "+", "type": int}] = [16, 64],  # batches of the batched paths
+         repeats: int = 3):      # timed runs of each path after its warm-up; the median is reported
+    """Print seconds and images/s of the per-image loop and of both batched loaders at each batch size, how
+    long each loader takes to decode the images alone, and the network alone in both memory layouts."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        demo.generate_sipakmed(folder / "raw", n_images=-(-n_images // 5), width=width, height=height)
-        for split in ("train", "val", "test"):
-            for path in sorted(folder.glob("raw/im_*/im_*/*.bmp"))[:n_images]:
-                target = folder / split / path.parent.name / path.name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(path, target)
-        learn = load_learner(export_untrained_model(folder, image_size), cpu=TTLR50.default_device().type != "cuda")
-        files = sorted((folder / "test").rglob("*.bmp"))
+        # Per class: one image to train, one to validate (the model is exported untrained; the leak check
+        # refuses shared images), the rest to predict.
+        demo.generate_sipakmed(folder / "raw", n_images=2 - (-n_images // 5), width=width, height=height)
+        for cls in sorted(folder.glob("raw/im_*/im_*")):
+            for i, path in enumerate(sorted(cls.glob("*.bmp"))):
+                target = folder / ("train", "val")[i] if i < 2 else folder / "test"
+                (target / cls.name).mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, target / cls.name / path.name)
+        files = sorted((folder / "test").rglob("*.bmp"))[:n_images]
+        learn, _ = inference.load_classifier(export_untrained_model(folder, image_size), files)
         with learn.no_bar():
-            rows, decoding = measure(learn, files, batch_sizes)
+            rows, decoding, network = measure(learn, files, batch_sizes, image_size, repeats)
     print(f"{len(files)} images of {width}x{height} at {image_size}px, {TTLR50.available_cpus()} cores, "
-          f"device {TTLR50.default_device()}")
-    print(f"{'path':34} | batch | seconds | images/s | × loop | same class as the loop")
-    loop_seconds, looped = rows[0][2], rows[0][3]
-    for name, batch_size, seconds, predicted in rows:
+          f"device {TTLR50.default_device()}; median of {repeats} runs after a warm-up (min–max)")
+    print(f"{'path':34} | batch | seconds            | images/s | × loop | same class as the loop")
+    loop_seconds, looped = rows[0][2][0], rows[0][3]
+    for name, batch_size, timing, predicted in rows:
         agree = sum(a == b for a, b in zip(looped, predicted))
-        print(f"{name:34} | {batch_size!s:>5} | {seconds:7.2f} | {len(files) / seconds:8.2f} | "
-              f"{loop_seconds / seconds:6.1f} | {agree}/{len(files)}")
+        print(f"{name:34} | {batch_size!s:>5} | {spread(*timing):18} | {len(files) / timing[0]:8.2f} | "
+              f"{loop_seconds / timing[0]:6.1f} | {agree}/{len(files)}")
     print("decoding alone (no network), seconds: " + "; ".join(
-        f"batch {bs}: a batch per worker {per_worker:.2f}, image per task {per_image:.2f}"
+        f"batch {bs}: a batch per worker {spread(*per_worker)}, image per task {spread(*per_image)}"
         for bs, per_worker, per_image in decoding))
+    print(f"the network alone on {len(files)} random images, seconds: " + "; ".join(
+        f"batch {bs} {name} {spread(*timing)}" for bs, name, timing in network))

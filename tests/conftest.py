@@ -49,7 +49,8 @@ def trained(formatted, tmp_path_factory):
     "R50 trained for a few epochs on the Extended DA copy of the demo SIPaKMeD (no network, random init)."
     import implementation_DataAugmentation_Extension as extension
     import R50
-    path = extension.copy_dataset(formatted / "sipakmed", tmp_path_factory.mktemp("trained") / "sipakmed")
+    path, _ = extension.copy_dataset(formatted / "sipakmed", tmp_path_factory.mktemp("trained") / "sipakmed",
+                                     progress=False)
     extension.extend_dataset(path, workers=2, progress=False)
     result = R50.train_r50(path, save_loc="tiny", epochs=4, batch_size=16, lr=0.01, image_size=IMAGE_SIZE,
                            pretrained=False, workers=0)

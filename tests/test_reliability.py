@@ -174,11 +174,12 @@ def test_a_killed_dataset_copy_leaves_no_truncated_image(formatted, tmp_path, mo
                for p in (tmp_path / "copy").rglob("*") if p.is_file())
     monkeypatch.setattr(shutil, "copy2", real_copy)
     extension.copy_dataset(formatted / "herlev", tmp_path / "copy", progress=False)
-    assert tree_digest(tmp_path / "copy") == tree_digest(formatted / "herlev")
+    dataset = {k: v for k, v in tree_digest(formatted / "herlev").items() if k.split("/")[0] not in ("cache", "models")}
+    assert tree_digest(tmp_path / "copy") == dataset
 
 
 def test_a_rerun_with_fewer_augmentations_removes_a_killed_runs_partial_file(formatted, tmp_path):
-    path = extension.copy_dataset(formatted / "herlev", tmp_path / "herlev", progress=False)
+    path, _ = extension.copy_dataset(formatted / "herlev", tmp_path / "herlev", progress=False)
     image = next((path / "train" / "normal_columnar").iterdir())
     partial = image.with_name(f".{image.stem}_aug14{image.suffix}.partial")
     partial.write_bytes(b"half")

@@ -79,14 +79,40 @@ def test_swap_head_keeps_the_body_and_the_new_layer_trains(formatted):
 
 def test_a_7_class_checkpoint_loads_into_a_5_class_learner_through_the_helper(formatted, tmp_path):
     herlev = tiny_learner(formatted / "herlev")
+    with torch.no_grad():  # a body unlike any fresh learner's, as after training on Herlev
+        for tensor in herlev.model.state_dict().values():
+            tensor.add_(torch.rand_like(tensor.float()).to(tensor.dtype) + 1)
     herlev.save(tmp_path / "herlev7", with_opt=False)
     sipakmed = tiny_learner(formatted / "sipakmed")
+    expected = herlev.model[0].state_dict()
+    assert not any(torch.equal(expected[k], v) for k, v in sipakmed.model[0].state_dict().items())
     with pytest.raises(TTLR50.UserError, match="has a 7-class head but the data has 5 classes"):
         TTLR50.load_weights(sipakmed, tmp_path / "herlev7.pth")
     TTLR50.load_weights_across_heads(sipakmed, tmp_path / "herlev7.pth")
     assert sipakmed.model[1][-1].out_features == 5
-    expected = herlev.model[0].state_dict()
     assert all(torch.equal(expected[k], v) for k, v in sipakmed.model[0].state_dict().items())
+    # The head below the new last layer comes from the checkpoint too; the last layer is new.
+    assert torch.equal(sipakmed.model[1][4].weight, herlev.model[1][4].weight)
+    assert not torch.equal(sipakmed.model[1][-1].weight[:5], herlev.model[1][-1].weight[:5])
+
+
+def test_the_swapped_head_is_initialised_as_fastai_does_and_differs_from_the_old_one(formatted):
+    learn = tiny_learner(formatted / "sipakmed")
+    learn.unfreeze()
+    learn.fit(1, 1e-2)
+    old = learn.model[1][-1]
+    torch.manual_seed(0)
+    TTLR50.swap_head(learn, 5)
+    new = learn.model[1][-1]
+    assert new is not old and new.weight.shape == old.weight.shape and new.bias is old.bias is None
+    assert not torch.equal(new.weight, old.weight)
+    # Kaiming-normal (fan-in, gain √2): the weights' standard deviation is √(2 / 512) ≈ 0.0625.
+    assert float(new.weight.std()) == pytest.approx((2 / 512) ** 0.5, rel=0.05)
+    assert float(new.weight.mean()) == pytest.approx(0, abs=0.01)
+    learn.model[1][-1] = torch.nn.Linear(512, 5)  # a head with a bias (PyTorch draws it uniformly, not 0)
+    assert learn.model[1][-1].bias.abs().sum() > 0
+    TTLR50.swap_head(learn, 7)
+    assert torch.equal(learn.model[1][-1].bias, torch.zeros(7))  # fastai's init_default: zero bias
 
 
 def test_r50_refuses_a_model_path_with_another_head_from_the_command_line(trained, formatted, tmp_path):

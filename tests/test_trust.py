@@ -1,0 +1,226 @@
+"""Results that can be trusted: no image of one split reaches another, the cache never serves old pixels, a
+run never destroys the weights it starts from, and an error of the scripts is told apart from bad input."""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import implementation_DatasetDivision as division
+import Inference_FastAI as inference
+import leakcheck
+import presized
+import R50
+import TTLR50
+from conftest import ROOT, tree_digest
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import accuracy as accuracy_benchmark  # noqa: E402
+
+
+def run_in(cwd, script, *args):
+    "Run a project script from the working directory `cwd`, as a user in their own folder would."
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True)
+
+
+def sha256s(folder):
+    "SHA-256 of every file under `folder`."
+    return {hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_extended_da_over_an_earlier_division_is_refused_or_rebuilt_and_never_trains_on_test_images(raw_data,
+                                                                                                    tmp_path):
+    division.divide_dataset(raw_data / "sipakmed", tmp_path / "divided", progress=False)
+    augment = ("implementation_DataAugmentation_Extension.py", "--target-directory", "divided",
+               "--output-directory", "extended", "--n-augmentations", 1, "--workers", 1)
+    assert run_in(tmp_path, *augment).returncode == 0
+    division.divide_dataset(raw_data / "sipakmed", tmp_path / "divided", random_state=7, force=True, progress=False)
+    before = tree_digest(tmp_path / "extended")
+    refused = run_in(tmp_path, *augment)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "image(s) that are not in target_directory" in refused.stderr and "--force" in refused.stderr
+    assert tree_digest(tmp_path / "extended") == before  # refused before anything changed
+    rebuilt = run_in(tmp_path, *augment, "--force")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    divided, extended = tmp_path / "divided", tmp_path / "extended"
+    assert "removed" in rebuilt.stdout and "of another division" in rebuilt.stdout
+    assert (extended / "split.csv").read_bytes() == (divided / "split.csv").read_bytes()
+    assert not sha256s(extended / "train") & sha256s(divided / "test")
+    assert sha256s(extended / "test") == sha256s(divided / "test")
+    trained_from = {(p.parent.name, p.stem.rsplit("_aug", 1)[0]) for p in (extended / "train").rglob("*_aug01.*")}
+    assert trained_from == {(p.parent.name, p.stem) for p in (divided / "train").rglob("*.bmp")}
+    assert sha256s(raw_data / "sipakmed") >= sha256s(divided / "train")  # the source was only read
+
+
+@pytest.fixture
+def leaky(formatted, tmp_path):
+    "A copy of the demo SIPaKMeD division, for tests that put a test image into train/."
+    return shutil.copytree(formatted / "sipakmed", tmp_path / "sipakmed")
+
+
+def test_a_test_image_copied_into_train_stops_training_and_evaluation(leaky, trained, tmp_path):
+    test_image = sorted((leaky / "test" / "Parabasal").iterdir())[0]
+    shutil.copy(test_image, leaky / "train" / "Koilocytotic" / "renamed copy.bmp")
+    result = run_in(tmp_path, "R50.py", "--path-folder", "sipakmed", "--epochs", 1, "--image-size", 32,
+                    "--no-pretrained")
+    error = result.stderr.rstrip("\n").rsplit("\n", 1)[-1]  # after the leak check's progress bar
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert error.startswith("error: leak check: 1 image(s) of ")
+    assert f"test/Parabasal/{test_image.name} = train/Koilocytotic/renamed copy.bmp" in error
+    assert not list((leaky / "models").iterdir())
+    evaluated = run_in(tmp_path, "Inference_FastAI.py", "--model-path", trained[0] / "models" / "tiny.pkl",
+                       "--test-dataset-path", "sipakmed/test", "--output-dir", "report")
+    assert evaluated.returncode == 2 and "error: leak check: 1 image(s)" in evaluated.stderr
+    assert not (tmp_path / "report").exists()
+
+
+def test_an_augmentation_of_a_test_image_in_train_stops_training(leaky, tmp_path, capsys):
+    test_image = sorted((leaky / "test" / "Metaplastic").iterdir())[0]
+    augmented = leaky / "train" / "Metaplastic" / f"{test_image.stem}_aug03.jpg"
+    Image.open(test_image).convert("RGB").rotate(90).save(augmented)  # other bytes than any image of test/
+    with pytest.raises(TTLR50.UserError, match=r"leak check: 1 Extended DA image\(s\)") as error:
+        TTLR50.pap_dls(leaky, 32, 10, workers=0)
+    assert f"train/Metaplastic/{augmented.name} from test/Metaplastic/{test_image.name}" in str(error.value)
+    assert "--force" in str(error.value)
+    augmented.rename(leaky / "test" / "Metaplastic" / augmented.name)  # beside its source: no leak
+    assert leakcheck.check_leaks(leaky, progress=False).startswith("leak check: passed")
+
+
+def test_cells_of_one_cluster_image_in_two_splits_are_a_warning_counted_by_number(tmp_path):
+    for split, name, colour in [("train", "001_01", 10), ("test", "1_02", 20), ("val", "002_01", 30),
+                                ("val", "002_02", 40), ("train", "003_01", 50), ("test", "003_02_aug01", 60)]:
+        (tmp_path / split / "Parabasal").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (colour, 0, 0)).save(tmp_path / split / "Parabasal" / f"{name}.png")
+    line = leakcheck.check_leaks(tmp_path, progress=False)
+    assert line.startswith("leak check: passed (6 images in train/val/test, ")
+    # 001_01 and 1_02 come from cluster image 1; 003_01 and (an augmentation of) 003_02 from 3; 002 is whole.
+    assert "warning: 2 cluster image(s) have cells in several splits (e.g. Parabasal 001 in test and train)" in line
+
+
+def test_a_passing_check_is_reported_and_remembered(trained, evaluated_json):
+    path, result = trained
+    assert result["leak_check"].startswith("leak check: passed (940 images in train/val/test, ")
+    again = leakcheck.check_leaks(path, progress=False)
+    assert again.endswith(", 0 hashed now)")  # the first check's hashes were remembered
+    image = sorted((path / "test" / "Parabasal").iterdir())[0]
+    os.utime(image)  # touched: its hash is computed anew
+    assert leakcheck.check_leaks(path, progress=False).endswith(", 1 hashed now)")
+    assert evaluated_json["leak_check"].startswith("leak check: passed (")
+
+
+@pytest.fixture
+def evaluated_json(trained, formatted, tmp_path):
+    "metrics.json of the trained demo model evaluated on the demo test split."
+    inference.evaluate_folder(trained[0] / "models" / "tiny.pkl", formatted / "sipakmed" / "test",
+                              output_dir=tmp_path / "report", gradcam=0, bootstrap=10)
+    return json.loads((tmp_path / "report" / "metrics.json").read_text())
+
+
+def test_an_image_replaced_with_its_time_kept_is_presized_anew(leaky):
+    TTLR50.pap_dls(leaky, 32, 10, workers=0)
+    cache = leaky / "cache" / "32px"
+    replaced, other = sorted((leaky / "train" / "Parabasal").iterdir())[:2]
+    stat = replaced.stat()
+    assert other.stat().st_size == stat.st_size and other.read_bytes() != replaced.read_bytes()
+    # What rsync -a or tar x do: new bytes, same size, the modification time of the file they replace.
+    subprocess.run(["cp", "-p", str(other), str(replaced)], check=True)
+    os.utime(replaced, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert replaced.stat().st_size == stat.st_size and replaced.stat().st_mtime_ns == stat.st_mtime_ns
+    dls = TTLR50.pap_dls(leaky, 32, 10, workers=0)
+    new_entry = (cache / "train" / "Parabasal" / f"{replaced.name}.png").read_bytes()
+    assert new_entry == (cache / "train" / "Parabasal" / f"{other.name}.png").read_bytes()
+    store, i = dls.train.store, list(dls.train.items).index(replaced)
+    start, height, width = (int(store[k][i]) for k in ("starts", "heights", "widths"))
+    held = store["pixels"][start:start + height * width].numpy().reshape(height, width, 3)
+    with Image.open(cache / "train" / "Parabasal" / f"{other.name}.png") as expected:
+        assert np.array_equal(held, np.asarray(expected.convert("RGB")))
+
+
+def test_a_cache_made_in_another_format_is_rebuilt(leaky):
+    root = presized.build_cache(leaky, 30, progress=False)
+    entry = next((root / "train" / "Parabasal").iterdir())
+    good = entry.read_bytes()
+    Image.new("RGB", (40, 30), "black").save(entry)
+    manifest = json.loads((root / "manifest.json").read_text())
+    presized.build_cache(leaky, 30, progress=False)
+    assert entry.read_bytes() != good  # the same format: the entry is trusted as it is
+    for key, other in (("version", 1), ("resampling", "nearest")):
+        entry.write_bytes(b"")
+        (root / "manifest.json").write_text(json.dumps({**manifest, key: other}))
+        presized.build_cache(leaky, 30, progress=False)
+        assert entry.read_bytes() == good
+
+
+def test_folds_keep_augmentations_with_their_source_and_out_of_evaluation(trained, tmp_path):
+    path, _ = trained
+    for fold in accuracy_benchmark.fold_datasets(path, 3, 0, tmp_path):
+        sources = {split: {(p.parent.name, p.stem) for p in (fold / split).rglob("*.bmp") if "_aug" not in p.stem}
+                   for split in division.SPLITS}
+        assert not sources["train"] & (sources["val"] | sources["test"])
+        assert not list((fold / "val").rglob("*_aug*")) and not list((fold / "test").rglob("*_aug*"))
+        augmented = {(p.parent.name, p.stem.rsplit("_aug", 1)[0]) for p in (fold / "train").rglob("*_aug*")}
+        assert augmented and augmented <= sources["train"]  # every augmentation trains beside its source
+
+
+def test_a_rerun_from_its_own_weights_keeps_them_unless_an_epoch_beats_them(trained, tmp_path):
+    path = shutil.copytree(trained[0], tmp_path / "extended")
+    weights = path / "models" / "tiny.pth"
+    before = weights.read_bytes()
+    # lr 10 wrecks the model in one epoch: no epoch can beat the weights it started from.
+    result = R50.train_r50(path, save_loc="tiny", model_path=weights, epochs=1, batch_size=16, lr=10.0,
+                           image_size=48, pretrained=False, workers=0)
+    assert weights.read_bytes() == before
+    assert result["scores"].loc["validation", "accuracy"] == pytest.approx(
+        trained[1]["scores"].loc["validation", "accuracy"], abs=1e-6)
+
+
+def test_a_killed_rerun_leaves_the_weights_it_started_from(formatted, tmp_path):
+    path = shutil.copytree(formatted / "herlev", tmp_path / "herlev")
+    first = run_in(tmp_path, "R50.py", "--path-folder", "herlev", "--epochs", 1, "--image-size", 32,
+                   "--no-pretrained", "--save-loc", "mine")
+    assert first.returncode == 0, first.stderr
+    outputs = {name: (path / "models" / name).read_bytes() for name in ("mine.pth", "mine_log.csv", "mine.json")}
+    rerun = subprocess.Popen([sys.executable, "-u", str(ROOT / "R50.py"), "--path-folder", "herlev", "--epochs", "5",
+                              "--image-size", "32", "--lr", "0.01", "--save-loc", "mine",
+                              "--model-path", "herlev/models/mine.pth"],
+                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    seen = []
+
+    def read():
+        for chunk in iter(lambda: rerun.stdout.read(64), ""):
+            seen.append(chunk)
+    threading.Thread(target=read, daemon=True).start()
+    deadline = time.monotonic() + 120
+    while "Epoch 3/5" not in "".join(seen) and rerun.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    rerun.send_signal(signal.SIGKILL)
+    rerun.wait()
+    assert "Epoch 3/5" in "".join(seen)  # two epochs had ended
+    assert {name: (path / "models" / name).read_bytes() for name in outputs} == outputs
+
+
+@pytest.mark.parametrize("script, main, module, function", [
+    ("implementation_DatasetDivision.py", division.main, division, "divide_dataset"),
+    ("R50.py", R50.main, R50, "train_r50"),
+    ("Inference_FastAI.py", inference.main, inference, "evaluate_folder"),
+])
+def test_an_error_of_the_scripts_exits_3_with_its_traceback(script, main, module, function, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a fault planted by the test")
+    monkeypatch.setattr(module, function, broken)
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 3
+    assert err.startswith("Traceback (most recent call last):") and "ZeroDivisionError" in err
+    assert err.rstrip().splitlines()[-1].startswith("internal error: ZeroDivisionError: a fault planted by the test")
+    assert "please report it" in err

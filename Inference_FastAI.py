@@ -19,6 +19,7 @@ from fastcore.script import call_parse
 from sklearn.metrics import ConfusionMatrixDisplay, accuracy_score, classification_report, confusion_matrix
 
 import papreport
+from papfiles import is_inside
 
 # --- edit these -----------------------------------------------------------------------------------
 model_path = Path("data/sipakmed_formatted/models/resnet50_ttl_sipakmed.pkl")  # .pkl export, or .pth + .json
@@ -172,19 +173,27 @@ def evaluate_folder(model_path, test_dataset_path, output_dir=None, batch_size=b
     """Predict every image of `test_dataset_path` and write the reports. Returns a dict with the
     predictions table, the model's classes, the metrics (labelled input), the skipped files, the
     output folder and the HTML report."""
-    TTLR50.check_positive(batch_size=batch_size, bootstrap=bootstrap)
+    TTLR50.check_positive(batch_size=batch_size)
+    low, high = papreport.BOOTSTRAP_RANGE
+    if not low <= bootstrap <= high:
+        raise TTLR50.UserError(f"bootstrap is {bootstrap}; a 95% interval needs between {low} and {high} resamples "
+                               "(2000 is the default) — set --bootstrap in that range")
     TTLR50.check_not_negative(gradcam=gradcam)
     model_path = TTLR50.user_path(model_path)
     files, labels, left_out = list_inputs(test_dataset_path)
     leak_check = check_split_leaks(test_dataset_path)
     output_dir = TTLR50.user_path(output_dir or model_path.with_name(f"{model_path.stem}_inference"))
+    test_folder = TTLR50.user_path(test_dataset_path)
+    if test_folder.is_dir() and is_inside(output_dir, test_folder):
+        raise TTLR50.UserError(f"output_dir {output_dir} is inside test_dataset_path {test_folder}: the reports "
+                               "would become test images — choose an output_dir outside it")
     output_dir.mkdir(parents=True, exist_ok=True)  # before the slow part: an unusable folder fails at once
     learn, classes = load_classifier(model_path, files, batch_size)
     check_classes(labels, classes, test_dataset_path)
     skipped = []
     try:
         runs = {"plain": predict_files(learn, files, batch_size)}
-    except OSError:
+    except TTLR50.IMAGE_ERRORS:
         # Some file cannot be decoded: only now pay for decoding each one to find which, then go on without them.
         files, labels, skipped = drop_unreadable(files, labels, test_dataset_path)
         runs = {"plain": predict_files(learn, files, batch_size)}

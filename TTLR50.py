@@ -34,10 +34,11 @@ from sklearn.metrics import f1_score, fbeta_score
 from torch import nn
 from torchvision.models import ResNet50_Weights, resnet50
 
-from papfiles import (SPLITS, UserError, atomic_output, available_cpus, check_file_name,  # noqa: F401
-                      check_not_negative, check_positive, class_names, is_sample_image, remove_partials,
-                      sample_images, unreadable_images, user_errors, user_path)
-from presized import build_cache, describe_stores, parallel_decode, presized_loader, presized_placement  # noqa: F401
+from papfiles import (IMAGE_ERRORS, SPLITS, UserError, atomic_output, available_cpus,  # noqa: F401
+                      check_file_name, check_not_negative, check_positive, class_names, is_sample_image,
+                      remove_partials, sample_images, unreadable_images, user_errors, user_path)
+from presized import (build_cache, describe_stores, parallel_decode, presized_loader,  # noqa: F401
+                      presized_placement, split_images)
 from leakcheck import check_leaks
 
 # --- the final TTL stage's defaults (R50Herlev.py overrides them from its top or the command line) ------
@@ -68,8 +69,8 @@ INGREDIENTS = {"zoom": ["max_zoom"], "rotation": ["flip_vert", "max_rotate"], "s
 def recipe_settings(recipe="original"):
     """The settings of a recipe: `original`, `modern`, or `modern-<ingredient>` (modern without one
     ingredient, for ablations: zoom, rotation, smoothing, mixup, schedule, wd, long)."""
-    base, _, without = recipe.partition("-")
-    if base not in RECIPES or (without and (base != "modern" or without not in INGREDIENTS)):
+    base, dash, without = recipe.partition("-")
+    if base not in RECIPES or ((dash or without) and (base != "modern" or without not in INGREDIENTS)):
         raise UserError(f"recipe {recipe!r} is unknown — use original, modern, or modern-<ingredient> with an "
                         f"ingredient from {', '.join(INGREDIENTS)}")
     settings = dict(RECIPES[base])
@@ -132,12 +133,13 @@ def pap_dls(path_folder, image_size=image_size, batch_size=batch_size, seed=42, 
     train no step at all, and a dataset whose splits share images (`leakcheck.check_leaks`); the leak
     check's line is kept as `dls.leak_check`."""
     check_positive(image_size=image_size, batch_size=batch_size, cache_size=cache_size)
+    check_batch_size(batch_size=batch_size)
     check_not_negative(workers=workers, memory_budget=memory_budget)
     path_folder = user_path(path_folder)
     check_formatted(path_folder)
     join_launcher()
     # Under a launcher, rank 0 hashes and remembers the files while the others wait, then they only read.
-    leak_check = rank0_first(check_leaks, path_folder, progress=is_main_process())
+    leak_check = rank0_first_or_fail(check_leaks, path_folder, progress=is_main_process())
     if is_main_process():
         print(leak_check)
     settings = current_speed_settings(workers)
@@ -149,7 +151,10 @@ def pap_dls(path_folder, image_size=image_size, batch_size=batch_size, seed=42, 
                                             batch_tfms=batch_tfms, bs=batch_size, num_workers=settings["workers"],
                                             pin_memory=settings["pin_memory"],
                                             persistent_workers=settings["persistent_workers"])
-    dls = folder_dls(path_folder)
+    try:  # fastai opens the first training image while it builds the loaders
+        dls = folder_dls(path_folder)
+    except IMAGE_ERRORS:
+        raise broken_images_error(split_images(path_folder)) from None
     if batch_size > len(dls.train_ds):
         raise UserError(f"batch_size {batch_size} is larger than the training set of {path_folder} "
                         f"({len(dls.train_ds)} images), so no training step would run — lower --batch-size")
@@ -157,11 +162,11 @@ def pap_dls(path_folder, image_size=image_size, batch_size=batch_size, seed=42, 
     placement = presized_placement(files, image_size, memory_budget, default_device().type)
     # Under a launcher, rank 0 builds a cache while the others wait, then they only read it.
     if placement:
-        presized_root = rank0_first(build_cache, path_folder, image_size, files=files)
+        presized_root = rank0_first_or_fail(build_cache, path_folder, image_size, files=files)
         dls = DataLoaders(*(presized_loader(dl, presized_root, path_folder, placement) for dl in dls.loaders),
                           path=dls.path, device=dls.device)
     elif cache_size:
-        dls = folder_dls(rank0_first(build_cache, path_folder, cache_size, files=files))
+        dls = folder_dls(rank0_first_or_fail(build_cache, path_folder, cache_size, files=files))
     if is_main_process():
         print(f"data: {len(dls.train_ds)} train / {len(dls.valid_ds)} val images, "
               + (f"presized to {image_size} px and held in memory ({describe_stores(dls.loaders)})"
@@ -191,6 +196,21 @@ def pap_metrics():
     return [AccumMetric(accuracy, flatten=False, name="accuracy"),
             skm_to_fastai(fbeta_score, beta=2, average="weighted", name="f2_weighted"),
             skm_to_fastai(f1_score, average="weighted", name="f1_weighted")]
+
+
+def rank0_first_or_fail(func, *args, **kwargs):
+    """fastai's `rank0_first` (process 0 runs `func` while the others wait, then they run it, reading what it
+    wrote) where a `UserError` of process 0 stops every process: process 0 raises it after the wait, and the
+    others meet it again, since they check the same files. Without a launcher: `func` once."""
+    def caught():
+        try:
+            return func(*args, **kwargs), None
+        except UserError as e:
+            return None, e
+    result, error = rank0_first(caught)
+    if error:
+        raise error
+    return result
 
 
 def is_main_process():
@@ -406,6 +426,17 @@ def export_atomically(learn, export_path):
     return export_path
 
 
+def broken_images_error(files):
+    """The user error naming the images of `files` that cannot be decoded, raised when decoding failed while
+    reading them; re-raises the error at hand when every image can be decoded (it was not theirs)."""
+    broken = unreadable_images(files)
+    if not broken:
+        raise  # noqa: PLE0704  called from an except block: the error being handled is not an image's
+    file, reason = next(iter(broken.items()))
+    return UserError(f"{len(broken)} image(s) cannot be read, e.g. {file} ({reason}) — remove or replace them, "
+                     "then run again")
+
+
 def fit_recipe(learn, epochs, lr, cbs, recipe="original"):
     """Fit with the recipe's schedule (one-cycle or flat-then-cosine) and MixUp; when an image cannot be
     decoded mid-training, a `UserError` naming the broken files."""
@@ -417,14 +448,8 @@ def fit_recipe(learn, epochs, lr, cbs, recipe="original"):
         # otherwise. SyncBatchNorm needs GPUs.
         with learn.distrib_ctx(sync_bn=torch.cuda.is_available()):
             fit(epochs, lr, cbs=cbs)
-    except OSError:
-        files = [*learn.dls.train_ds.items, *learn.dls.valid_ds.items]
-        broken = unreadable_images(files)
-        if not broken:
-            raise
-        file, reason = next(iter(broken.items()))
-        raise UserError(f"{len(broken)} image(s) cannot be read, e.g. {file} ({reason}) — remove or replace "
-                        "them, then run again") from None
+    except IMAGE_ERRORS:
+        raise broken_images_error([*learn.dls.train_ds.items, *learn.dls.valid_ds.items]) from None
 
 
 def best_epoch_keeper(learn, save_loc, start_weights=None):
@@ -478,12 +503,21 @@ def train_and_save(learn, epochs, lr, save_loc, export_path=None, image_size=ima
                 curves=curves, scores=evaluate(learn), learner=learn, leak_check=learn.dls.leak_check)
 
 
+def check_batch_size(**batch_sizes):
+    "Refuse a batch of one image: BatchNorm cannot normalise a single image in training."
+    for name, value in batch_sizes.items():
+        if value == 1:
+            raise UserError(f"{name} is 1; training needs at least 2 images per batch (BatchNorm normalises over "
+                            f"the batch) — set --{name.replace('_', '-')} 2 or more")
+
+
 def check_training_options(save_loc, **numbers):
-    """Refuse, before any work, a `save_loc` that is not a plain name and numbers that are not > 0 (workers and
-    memory_budget: >= 0)."""
+    """Refuse, before any work, a `save_loc` that is not a plain name, numbers that are not > 0 (workers and
+    memory_budget: >= 0) and batches of one image."""
     check_file_name(save_loc)
     check_not_negative(workers=numbers.pop("workers", None), memory_budget=numbers.pop("memory_budget", None))
     check_positive(**numbers)
+    check_batch_size(**{name: value for name, value in numbers.items() if name.endswith("batch_size")})
 
 
 def ttl_stage(data_path, start_weights, save_loc=save_loc, epochs=epochs, batch_size=batch_size, lr=lr,

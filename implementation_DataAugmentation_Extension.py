@@ -4,6 +4,7 @@ Each output depends only on (seed, the image's relative path, the group), so rer
 workers give the same files; a rerun only writes what is missing.
 """
 import hashlib
+import math
 import time
 import warnings
 from multiprocessing import Pool
@@ -15,9 +16,9 @@ from fastcore.script import call_parse
 from PIL import Image
 from tqdm import tqdm
 
-from papfiles import (IMAGE_EXTENSIONS, UserError, atomic_output, available_cpus, check_not_negative, copy_atomically,
-                      is_augmentation, is_inside, is_partial, is_sample_image, remove_partials, same_file_content,
-                      sample_images, source_stem, user_errors, user_path)
+from papfiles import (IMAGE_EXTENSIONS, RUN_RECORD, UserError, atomic_output, available_cpus, check_not_negative,
+                      copy_atomically, is_augmentation, is_inside, is_partial, is_sample_image, recorded_runs,
+                      remove_partials, same_file_content, sample_images, source_stem, user_errors, user_path)
 
 # imgaug 0.4.0 reads np.sctypes at import time, and NumPy 2 removed it. Every import of imgaug in this
 # project goes through this module, so this is the one place that puts the table back (nothing else of
@@ -40,6 +41,9 @@ splits = ["train"]           # formatted root: the splits to augment (val/test w
 output_format = None         # None: each source's own format; "jpg" (as the original) saves disk on BMP sources
 force = False                # output_directory: remove the copy's images that are not in target_directory
 # ---------------------------------------------------------------------------------------------------
+
+QUANTISATION_SIZE = 128  # imgaug's default: KMeansColorQuantization clusters the colours of a copy this long
+
 
 def augmentation_groups():
     "The 14 augmentation groups of the original, in its order; each makes one image from one image."
@@ -88,8 +92,18 @@ def group_seed(seed, relative_path, group_index):
     return int.from_bytes(digest[:8], "little")
 
 
+def keep_a_row(groups, shape):
+    """Let colour quantisation, which shrinks an image to `max_size` pixels on its longer side before it
+    clusters the colours, keep at least one pixel on the shorter side of a very elongated image (2000x10)."""
+    needed = math.ceil(max(shape[:2]) / min(shape[:2]))
+    for group in groups:
+        for quantisation in group.find_augmenters(lambda aug, parents: isinstance(aug, iaa.KMeansColorQuantization)):
+            quantisation.max_size = max(QUANTISATION_SIZE, needed)
+
+
 def augment_image(image, groups, seed, relative_path):
     "Yield (group number from 1, augmented image) for an RGB uint8 array, one output per group."
+    keep_a_row(groups, image.shape)
     for index, group in enumerate(groups, start=1):
         group.seed_(group_seed(seed, relative_path, index))
         yield index, group.augment_image(image)  # lighter than group(image=...), which wraps a whole batch
@@ -108,8 +122,12 @@ def save_atomically(array, path):
 
 
 def load_rgb(path):
-    "Read an image as a 3-channel uint8 RGB array (grayscale and RGBA are converted)."
+    """Read an image as a 3-channel uint8 RGB array (grayscale and RGBA are converted). A 16-bit or float
+    image is refused: PIL's conversion to 8 bits would clip it to white."""
     with Image.open(path) as image:
+        if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+            raise ValueError(f"a {'float' if image.mode == 'F' else '16-bit'} image (PIL mode {image.mode}) — "
+                             "convert it to 8 bits per channel first")
         return np.asarray(image.convert("RGB"))
 
 
@@ -177,8 +195,10 @@ DERIVED = ("models", "cache")  # top-level folders of a dataset that hold result
 
 
 def dataset_files(folder):
-    "The files of a dataset folder that its copy mirrors: all but temporary files and the models/ and cache/ folders."
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not is_partial(p)
+    """The files of a dataset folder that its copy mirrors: all but the models/ and cache/ folders, the folder's
+    run record and the temporary files of the runs it names."""
+    runs = recorded_runs(folder)
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != RUN_RECORD and not is_partial(p, runs)
                   and p.relative_to(folder).parts[0] not in DERIVED)
 
 
@@ -213,8 +233,7 @@ def copy_dataset(source, destination, force=False, progress=True):
                         "output_directory")
     for image in stale:
         image.unlink()
-    if destination.is_dir():
-        remove_partials(destination)
+    remove_partials(destination)
     for path in tqdm(dataset_files(source), desc="copy", unit="file", disable=not progress):
         target = destination / path.relative_to(source)
         if not target.exists() or not (is_sample_image(path) or same_file_content(path, target)):
@@ -240,8 +259,7 @@ def extend_dataset(target_directory, n_augmentations=14, seed=42, workers=None, 
     if not images:
         raise UserError(f"no images found under {target} (splits {list(splits)}) — is target_directory right?")
     check_collisions(images, suffix)
-    for root in {image.parent for image in images}:  # a killed run's half-written outputs, of any group
-        remove_partials(root)
+    remove_partials(target)  # a killed run's half-written outputs, of any group
     done = [p for p in images if all(output_path(p, i, suffix).exists() for i in range(1, n_augmentations + 1))]
     todo = sorted(set(images) - set(done))
     jobs = [(p, p.relative_to(target).as_posix(), n_augmentations, seed, suffix) for p in todo]
@@ -277,7 +295,7 @@ def main(target_directory: Path = target_directory,  # class folders, or a forma
                 print(f"removed {len(removed)} image(s) of another division from {target_directory}")
         summary = extend_dataset(target_directory, n_augmentations, seed, workers, splits, output_format)
         for error in summary["errors"]:
-            print(f"skipped unreadable image {error}")
+            print(f"skipped image {error}")
         print(f"images found {summary['found']}, augmented {summary['augmented']}, already done "
               f"{summary['already_done']}, skipped {summary['skipped']}: {summary['written']} new outputs "
               f"in {summary['seconds']} s")

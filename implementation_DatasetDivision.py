@@ -14,7 +14,8 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 from papfiles import (SPLITS, UserError, atomic_output, cell_cluster, copy_atomically, is_augmentation, is_inside,
-                      is_partial, is_sample_image, remove_partials, same_file_content, user_errors, user_path)
+                      is_partial, is_sample_image, recorded_runs, remove_partials, same_file_content, user_errors,
+                      user_path)
 
 # --- edit these -----------------------------------------------------------------------------------
 path_dir = Path("data/sipakmed")                # the raw dataset as downloaded (SIPaKMeD or Herlev)
@@ -95,12 +96,13 @@ def split_class(files, training_size=0.6, validation_size=0.2, testing_size=0.2,
 
 
 def cluster_of(file):
-    "The cluster image a cropped SIPaKMeD cell was cut from: NNN of NNN_KK.bmp."
+    """The cluster image a cropped SIPaKMeD cell was cut from: NNN of NNN_KK.bmp, as a number written with
+    SIPaKMeD's three digits, so that 001_01, 1_02 and 01_03 are cells of one cluster image."""
     cluster = cell_cluster(file)
     if cluster is None or is_augmentation(file):
         raise UserError(f"cannot tell which cluster image {file} was cut from (cells are named NNN_KK.bmp) — "
                         "rename it, or pass --no-group-cells to divide cell by cell")
-    return cluster
+    return f"{int(cluster):03d}"
 
 
 def plan_division(samples, sizes, random_state, grouped=False):
@@ -179,12 +181,13 @@ def plan_removal(path_dir, output_dir, recorded, planned):
     back into path_dir). A file counts as a copy when an image of path_dir with its class and name holds
     the same bytes. Refuses when a split folder holds a file that exists nowhere else."""
     recorded_at = {destination(output_dir, row): path_dir / row[0] for row in recorded or []}
+    runs = recorded_runs(output_dir)
     by_name = {(name, Path(file).name): path_dir / file for file, name, *_ in [*planned, *(recorded or [])]}
     copies, moved, unique = [], [], []
     for split in SPLITS:
         for file in sorted(p for p in (output_dir / split).rglob("*") if not p.is_dir()):
             source, original = recorded_at.get(file), by_name.get((file.parent.name, file.name))
-            if is_partial(file):
+            if is_partial(file, runs):
                 copies.append(file)
             elif source is not None and not source.exists() and not source.is_symlink():
                 moved.append((file, source))
@@ -266,8 +269,7 @@ def divide_dataset(path_dir, output_dir, training_size=0.6, validation_size=0.2,
         raise UserError(f"{output_dir} already holds {'/'.join(existing)} folders not made by this script — "
                         "choose another output_dir, or pass --force to replace them")
     (output_dir / "models").mkdir(parents=True, exist_ok=True)
-    for split in SPLITS:
-        remove_partials(output_dir / split)
+    remove_partials(output_dir)
     write_split_csv(output_dir, rows)
     todo = [row for row in rows if not destination(output_dir, row).exists()]
     for row in tqdm(todo, desc="move" if move else "copy", unit="file", disable=not progress or not todo):

@@ -9,6 +9,7 @@ import errno
 import filecmp
 import os
 import re
+import secrets
 import shutil
 import sys
 import traceback
@@ -20,11 +21,20 @@ from PIL import Image
 
 IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff")
 PARTIAL = ".partial"  # suffix of files being written; see atomic_output
+# This run's mark in the temporary names it writes; a folder's RUN_RECORD names the runs that wrote there, so
+# that a later run removes only temporary files of recorded runs, never a user's file that looks like one.
+RUN_TOKEN = secrets.token_hex(8)
+RUN_RECORD = ".deep-cervical-cancer-runs"
 AUGMENTED = re.compile(r"_aug\d{2}$")  # Extended DA's outputs: <source stem>_augNN.<ext>
 SPLITS = ("train", "val", "test")  # the split folders of a formatted dataset
 # SIPaKMeD's cropped cells are named NNN_KK.bmp: cell KK cut from cluster image NNN.bmp of the same class.
 CELL_NAME = re.compile(r"^(?P<cluster>\d+)_\d+$")
 INTERNAL_ERROR = 3  # exit code of an error that is a fault of the scripts, not of the user's input
+
+
+# What decoding a broken image file raises: PIL's OSError kinds, and its refusal of a decompression bomb
+# (an image of more than twice Image.MAX_IMAGE_PIXELS pixels), which is not an OSError.
+IMAGE_ERRORS = (OSError, Image.DecompressionBombError)
 
 
 class UserError(Exception):
@@ -48,18 +58,25 @@ def describe_os_error(error):
            f"{advice.get(error.errno, 'check that the path exists and is the right kind of file or folder')}"
 
 
+def tell(line):
+    "Print a line on stderr from the one process that speaks: the only one, or RANK 0 under a launcher."
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)
+
+
 @contextmanager
 def user_errors():
     """Print a `UserError`, or an operating-system error on a user's path (an output folder that is
     read-only, missing, or a file), as one line on stderr and exit with its code (2 = bad input). Any other
-    error is a fault of the scripts: its traceback, a line asking to report it, and exit code 3."""
+    error is a fault of the scripts: its traceback, a line asking to report it, and exit code 3. Under a
+    launcher every process exits with the code, and only the first (RANK 0) prints the line."""
     try:
         yield
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        tell(f"error: {e}")
         raise SystemExit(e.code) from None
     except OSError as e:
-        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        tell(f"error: {describe_os_error(e)}")
         raise SystemExit(2) from None
     except Exception as e:  # noqa: BLE001  every other error is ours, and is reported as such
         traceback.print_exc()
@@ -154,8 +171,7 @@ def available_cpus():
 def atomic_output(path):
     """Yield a temporary name beside `path` to write to; when the block ends without error it replaces
     `path` in one step, so `path` is either absent, the old file, or complete — never half-written."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}{PARTIAL}")
+    tmp = partial_name(path)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -170,15 +186,38 @@ def copy_atomically(source, target):
         shutil.copy2(source, tmp)
 
 
-def is_partial(path):
-    "True for a temporary name that `atomic_output` makes (`.<name>.partial`)."
-    return Path(path).name.startswith(".") and Path(path).name.endswith(PARTIAL)
+def partial_name(path):
+    "The temporary name this run writes `path` under: `.<name>.<RUN_TOKEN>.partial`, beside it."
+    path = Path(path)
+    return path.with_name(f".{path.name}.{RUN_TOKEN}{PARTIAL}")
+
+
+def recorded_runs(folder):
+    "The tokens of the runs that `folder`'s run record names (none when it has no record)."
+    try:
+        return set((Path(folder) / RUN_RECORD).read_text().split())
+    except (OSError, UnicodeDecodeError):
+        return set()
+
+
+def is_partial(path, runs):
+    "True for a temporary file that one of the runs `runs` (tokens) wrote: `.<name>.<token>.partial`."
+    name = Path(path).name
+    return name.startswith(".") and any(name.endswith(f".{run}{PARTIAL}") for run in runs)
 
 
 def remove_partials(folder):
-    "Delete the temporary files a killed run left under `folder` (only names `atomic_output` makes)."
-    for tmp in Path(folder).rglob(f".*{PARTIAL}"):
-        tmp.unlink(missing_ok=True)
+    """Before a run writes under `folder`: delete the temporary files that runs recorded there left (a killed
+    run's half-written files), and record this run instead. Only files named with a recorded run's token go,
+    so a user's file whose name merely looks temporary stays."""
+    folder = Path(folder)
+    runs = recorded_runs(folder)
+    if runs and folder.is_dir():
+        for tmp in folder.rglob(f".*{PARTIAL}"):
+            if is_partial(tmp, runs):
+                tmp.unlink(missing_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / RUN_RECORD).write_text(RUN_TOKEN)
 
 
 def file_stamp(path):

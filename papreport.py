@@ -16,6 +16,7 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score, roc_curve
 from torch import nn
+from tqdm import tqdm
 
 import TTLR50
 
@@ -28,6 +29,10 @@ SIPAKMED_GROUPS = {"Dyskeratotic": "abnormal", "Koilocytotic": "abnormal", "Meta
                    "Parabasal": "normal", "Superficial-Intermediate": "normal"}
 
 
+BOOTSTRAP_CHUNK = 1_000_000  # test-image indices drawn at once
+BOOTSTRAP_RANGE = (100, 100_000)  # fewer resamples give no 95% interval; more change it below its rounding
+
+
 def bootstrap_intervals(truth, predicted, n_classes, n_resamples=2000, seed=0, level=0.95):
     """Accuracy, macro F1 and weighted F1 with percentile bootstrap intervals: the test images are
     resampled with replacement `n_resamples` times (seeded), each score recomputed by scikit-learn."""
@@ -36,12 +41,20 @@ def bootstrap_intervals(truth, predicted, n_classes, n_resamples=2000, seed=0, l
     scores = {"accuracy": accuracy_score,
               "macro_f1": lambda t, p: f1_score(t, p, labels=labels, average="macro", zero_division=0),
               "weighted_f1": lambda t, p: f1_score(t, p, labels=labels, average="weighted", zero_division=0)}
-    resamples = np.random.default_rng(seed).integers(0, len(truth), (n_resamples, len(truth)))
+    rng, samples = np.random.default_rng(seed), {name: [] for name in scores}
+    # Resamples are drawn in chunks of about a million indices, so memory stays bounded for any count; the
+    # draws are the same as in one go (the generator's stream does not depend on the chunking).
+    chunk = max(1, BOOTSTRAP_CHUNK // len(truth))
+    with tqdm(total=n_resamples, desc="bootstrap", unit="resample", disable=n_resamples * len(truth) < 10 ** 7) as bar:
+        for start in range(0, n_resamples, chunk):
+            for i in rng.integers(0, len(truth), (min(chunk, n_resamples - start), len(truth))):
+                for name, score in scores.items():
+                    samples[name].append(score(truth[i], predicted[i]))
+            bar.update(min(chunk, n_resamples - start))
     tail = 100 * (1 - level) / 2
     intervals = {}
     for name, score in scores.items():
-        samples = [score(truth[i], predicted[i]) for i in resamples]
-        low, high = np.percentile(samples, [tail, 100 - tail])
+        low, high = np.percentile(samples[name], [tail, 100 - tail])
         intervals[name] = dict(value=float(score(truth, predicted)), low=float(low), high=float(high))
     return intervals
 

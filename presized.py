@@ -24,7 +24,7 @@ from fastai.vision.augment import Resize
 from PIL import Image
 from tqdm import tqdm
 
-from papfiles import UserError, atomic_output, available_cpus, file_stamp, remove_partials, sample_images
+from papfiles import IMAGE_ERRORS, UserError, atomic_output, available_cpus, file_stamp, remove_partials, sample_images
 
 GB = 2 ** 30
 AUTO_SHARE = 0.25  # share of the GPU's (or, on CPU, the free RAM's) memory the images may take by default
@@ -75,9 +75,11 @@ def build_cache(path_folder, cache_size, splits=("train", "val"), progress=True,
     `cache_size`, into path_folder/cache/<cache_size>px with `workers` threads (default: one per core), and
     return that folder.
 
-    An image is redone when its source changes (size, modification or change time: `papfiles.file_stamp`), and
-    every image when the cache was made in another format (`CACHE_FORMAT`); cache files whose source is gone
-    are removed. The source dataset is only read. Two runs at once take turns on a lock file.
+    An image is redone when its source changes (size, modification or change time: `papfiles.file_stamp`) or
+    its cache file is damaged (missing, or not the size it was written with), and every image when the cache
+    was made in another format (`CACHE_FORMAT`) or its manifest cannot be read; damage is reported in one
+    line. Cache files whose source is gone are removed. The source dataset is only read. Two runs at once take
+    turns on a lock file.
     """
     path_folder = Path(path_folder)
     root = path_folder / "cache" / f"{cache_size}px"
@@ -85,7 +87,9 @@ def build_cache(path_folder, cache_size, splits=("train", "val"), progress=True,
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         manifest_path = root / "manifest.json"
-        manifest = read_manifest(manifest_path)
+        manifest, problem = read_manifest(manifest_path)
+        if problem:
+            print(f"cache {root}: {problem}; every image is presized again")
         files = split_images(path_folder, splits) if files is None else files
         sources = {Path(p).relative_to(path_folder).as_posix(): Path(p) for p in files}
         gone = set(manifest) - set(sources)
@@ -93,7 +97,12 @@ def build_cache(path_folder, cache_size, splits=("train", "val"), progress=True,
             (root / f"{rel}.png").unlink(missing_ok=True)
             del manifest[rel]
         stamps = {rel: file_stamp(p) for rel, p in sources.items()}
-        todo = [rel for rel in sources if manifest.get(rel) != stamps[rel] or not (root / f"{rel}.png").exists()]
+        todo = [rel for rel in sources if manifest.get(rel, [])[:3] != stamps[rel]]
+        damaged = [rel for rel in sources if rel not in todo and not entry_intact(root / f"{rel}.png", manifest[rel])]
+        if damaged:
+            print(f"cache {root}: {len(damaged)} damaged file(s) presized again from their source, e.g. "
+                  f"{damaged[0]}.png")
+        todo += damaged
         remove_partials(root)
         # PIL releases the GIL while it decodes, resizes and compresses, so threads use every core.
         with ThreadPoolExecutor(workers or available_cpus()) as pool:
@@ -102,7 +111,7 @@ def build_cache(path_folder, cache_size, splits=("train", "val"), progress=True,
                           disable=not progress or not todo):
                 pass
         for rel in todo:
-            manifest[rel] = stamps[rel]
+            manifest[rel] = [*stamps[rel], (root / f"{rel}.png").stat().st_size]
         if todo or gone or not manifest_path.exists():  # an unchanged cache is only read (several processes)
             with atomic_output(manifest_path) as tmp:
                 tmp.write_text(json.dumps(dict(CACHE_FORMAT, images=manifest), indent=0, sort_keys=True))
@@ -110,15 +119,27 @@ def build_cache(path_folder, cache_size, splits=("train", "val"), progress=True,
 
 
 def read_manifest(manifest_path):
-    """{relative source path: its `file_stamp` when its entry was made} of a cache; empty (every entry is redone)
-    when there is no manifest, or one written in another `CACHE_FORMAT` or by an older version."""
+    """({relative source path: [its `file_stamp`, the cache file's size] when its entry was made}, problem) of
+    a cache. The entries are empty (every image is redone) when there is no manifest, or one written in
+    another `CACHE_FORMAT`; `problem` says why when the manifest exists but cannot be read."""
+    if not Path(manifest_path).exists():
+        return {}, None
     try:
         manifest = json.loads(Path(manifest_path).read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(manifest, dict) or any(manifest.get(k) != v for k, v in CACHE_FORMAT.items()):
-        return {}
-    return manifest.get("images", {})
+        images = manifest["images"] if all(manifest.get(k) == v for k, v in CACHE_FORMAT.items()) else {}
+        if not all(isinstance(entry, list) and len(entry) == 4 for entry in images.values()):
+            raise ValueError("an entry is not [size, modified, changed, cache size]")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return {}, f"its manifest {Path(manifest_path).name} cannot be read ({type(e).__name__}: {e})"
+    return images, None
+
+
+def entry_intact(png, entry):
+    "True when a cache file exists with the size recorded in its manifest `entry` (a truncated one has another)."
+    try:
+        return png.stat().st_size == entry[3]
+    except OSError:
+        return False
 
 
 def free_ram():
@@ -179,8 +200,12 @@ def load_store(files, labels, placement):
     pixels = np.empty((sum(counts), 3), dtype=np.uint8)
 
     def decode(i):
-        with Image.open(files[i]) as image:
-            pixels[starts[i]:starts[i] + counts[i]] = np.asarray(image.convert("RGB")).reshape(-1, 3)
+        try:
+            with Image.open(files[i]) as image:
+                pixels[starts[i]:starts[i] + counts[i]] = np.asarray(image.convert("RGB")).reshape(-1, 3)
+        except IMAGE_ERRORS as e:  # damaged after its size was checked: the next run makes it anew
+            raise UserError(f"presized image {files[i]} is damaged ({type(e).__name__}: {e}) — delete it and run "
+                            "again: it is made anew from its source") from None
     with ThreadPoolExecutor(available_cpus()) as pool:
         list(pool.map(decode, range(len(files))))
     device = "cuda" if placement == "cuda" else "cpu"

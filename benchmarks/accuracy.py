@@ -41,16 +41,22 @@ def test_scores(learn, test_folder, batch_size=64):
     return scores
 
 
-def fold_datasets(path_folder, folds, seed, out):
-    """k formatted datasets over all images of `path_folder` (train+val+test): fold i tests on part i,
-    validates on part i+1 and trains on the rest. Parts are stratified by class and keep each group together:
+def fold_groups(path_folder):
+    """(images with their class, groups) of all images of `path_folder` (train+val+test). A group keeps together
     an image with its Extended DA outputs `<stem>_augNN`, and the cells of one cluster image (split.csv's group
-    column). Extended DA outputs only ever train: validation and test parts leave them out. Images are
-    linked, not copied."""
+    column)."""
     images = sorted((p, p.parent.name) for split in SPLITS for p in (path_folder / split).glob("*/*")
                     if is_sample_image(p))
     groups_by_stem = {Path(row[0]).stem: row[3] for row in read_split_csv(path_folder) or [] if len(row) > 3}
-    groups = [f"{label}/{groups_by_stem.get(source_stem(p), source_stem(p))}" for p, label in images]
+    return images, [f"{label}/{groups_by_stem.get(source_stem(p), source_stem(p))}" for p, label in images]
+
+
+def fold_datasets(path_folder, folds, seed, out):
+    """k formatted datasets over all images of `path_folder` (train+val+test): fold i tests on part i,
+    validates on part i+1 and trains on the rest. Parts are stratified by class and keep each group
+    (`fold_groups`) together. Extended DA outputs only ever train: validation and test parts leave them out.
+    Images are linked, not copied."""
+    images, groups = fold_groups(path_folder)
     labels = [label for _, label in images]
     parts = [test for _, test in StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
              .split(images, labels, groups)]
@@ -69,6 +75,23 @@ def fold_datasets(path_folder, folds, seed, out):
         (root / "models").mkdir(exist_ok=True)
         datasets.append(root)
     return datasets
+
+
+def check_folds(folds):
+    "Refuse a number of folds that leaves no training part: 0 (the division's split) or at least 3."
+    if folds and folds < 3:
+        raise TTLR50.UserError(f"folds is {folds}; use 0 (the division's own test split) or 3 or more (each fold tests "
+                               "on one part, validates on the next and trains on the rest)")
+
+
+def check_fold_groups(path_folder, folds):
+    "Refuse more folds than a class has groups (`fold_groups`: cluster images, or images with their augmentations)."
+    images, groups = fold_groups(path_folder)
+    counts = pd.DataFrame(dict(label=[label for _, label in images], group=groups)).groupby("label")["group"].nunique()
+    if counts.min() < folds:
+        raise TTLR50.UserError(f"class {counts.idxmin()} has {counts.min()} image group(s) (an image with its "
+                               f"augmentations, or the cells of one cluster image), fewer than folds {folds} — "
+                               "lower --folds")
 
 
 def summarise(runs):
@@ -117,7 +140,16 @@ def main(path_folder: Path = Path("data/herlev_formatted"),                     
          out: Path = None):                       # results folder (default: path_folder/models/accuracy)
     "Train and test each recipe for each seed (and fold); print and write per-run scores and mean ± std."
     with TTLR50.user_errors():
+        # Every option is checked before the first run, so that a bad one never stops a benchmark half-way.
         path_folder = TTLR50.user_path(path_folder)
+        for recipe in recipes:
+            TTLR50.recipe_settings(recipe)
+        check_folds(folds)
+        TTLR50.check_training_options("accuracy", epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
+                                      workers=workers, memory_budget=memory_budget)
+        TTLR50.check_formatted(path_folder)
+        if folds:
+            check_fold_groups(path_folder, folds)
         out = TTLR50.user_path(out or path_folder / "models" / "accuracy")
         out.mkdir(parents=True, exist_ok=True)
         datasets = fold_datasets(path_folder, folds, seeds[0], out) if folds else [path_folder]

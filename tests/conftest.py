@@ -8,16 +8,18 @@ import pytest
 
 import implementation_DatasetDivision as division
 import synthetic_papsmear as demo
+from papfiles import RUN_RECORD
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE_SIZE = 48
 
 
 def tree_digest(folder):
-    "Relative path → sha256 of every file under `folder`: equal digests mean byte-identical trees."
+    """Relative path → sha256 of every file under `folder`: equal digests mean byte-identical trees. The run
+    records (the token of the last run that wrote there, new in every run) are left out."""
     folder = Path(folder)
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != RUN_RECORD}
 
 
 def run_script(script, *args):

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 import implementation_DataAugmentation_Extension as extension
+import papfiles
 from conftest import run_script, tree_digest
 
 # Groups that can legitimately return the image unchanged: 10 may pick GaussianBlur with a sigma close
@@ -93,7 +94,7 @@ def test_an_interrupted_run_is_completed_by_the_next(formatted, tmp_path, monkey
     def save_then_die(array, path):
         saved.append(path)
         if len(saved) == 20:  # killed while writing the 20th output
-            path.with_name(f".{path.name}.partial").write_bytes(b"half")
+            papfiles.partial_name(path).write_bytes(b"half")  # what atomic_output was writing
             raise RuntimeError("killed")
         real_save(array, path)
 
@@ -145,7 +146,7 @@ def test_corrupt_image_is_named_skipped_and_gives_exit_code_1(formatted, tmp_pat
     result = run_script("implementation_DataAugmentation_Extension.py", "--target-directory", tmp_path / "train",
                         "--n-augmentations", 1)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "skipped unreadable image normal_columnar/broken.bmp" in result.stdout
+    assert "skipped image normal_columnar/broken.bmp" in result.stdout
     assert "images found 43, augmented 42, already done 0, skipped 1: 42 new outputs" in result.stdout
     assert not (tmp_path / "train" / "normal_columnar" / "mask-d_aug01.bmp").exists()
 

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 import implementation_DatasetDivision as division
+import papfiles
 from conftest import run_script, tree_digest
 from TTLR50 import UserError
 
@@ -124,7 +125,7 @@ def test_an_interrupted_run_is_completed_by_the_next(raw_data, tmp_path, monkeyp
     def transfer_then_die(source, target, move):
         calls.append(target)
         if len(calls) == 30:  # dies half-way through writing the 30th file
-            target.with_name(f".{target.name}.partial").write_bytes(b"half")
+            papfiles.partial_name(target).write_bytes(b"half")  # what atomic_output was writing
             raise KeyboardInterrupt
         real_transfer(source, target, move)
 

@@ -180,9 +180,10 @@ def test_a_killed_dataset_copy_leaves_no_truncated_image(formatted, tmp_path, mo
 
 def test_a_rerun_with_fewer_augmentations_removes_a_killed_runs_partial_file(formatted, tmp_path):
     path, _ = extension.copy_dataset(formatted / "herlev", tmp_path / "herlev", progress=False)
+    extension.extend_dataset(path, n_augmentations=14, workers=1, progress=False)
     image = next((path / "train" / "normal_columnar").iterdir())
-    partial = image.with_name(f".{image.stem}_aug14{image.suffix}.partial")
-    partial.write_bytes(b"half")
+    partial = papfiles.partial_name(image.with_name(f"{image.stem}_aug14{image.suffix}"))
+    partial.write_bytes(b"half")  # what a run killed while writing its 14th output leaves
     extension.extend_dataset(path, n_augmentations=1, workers=1, progress=False)
     assert not list(path.rglob("*.partial"))
 
@@ -198,17 +199,25 @@ def test_two_sources_that_would_write_the_same_outputs_are_refused(tmp_path, cap
     assert sorted(p.name for p in folder.iterdir()) == ["a.bmp", "a.png"]
 
 
-def test_an_image_that_an_augmentation_cannot_handle_is_skipped_by_name(tmp_path, capsys):
+def test_elongated_images_are_augmented_and_16_bit_or_float_ones_skipped_by_name(tmp_path, capsys):
     folder = tmp_path / "cells" / "A"
     folder.mkdir(parents=True)
     Image.new("RGB", (20, 20), "white").save(folder / "fine.png")
-    # 1 x 3000 pixels: with seed 0 the colour quantisation shrinks a side to 0 pixels and cannot resize
+    # 1 x 3000 and 10 x 2000 pixels: imgaug's colour quantisation would shrink the short side to 0 pixels.
     Image.fromarray(np.full((1, 3000, 3), 128, np.uint8)).save(folder / "thin.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (10, 2000, 3), np.uint8)).save(folder / "strip.png")
+    Image.fromarray(np.full((30, 30), 40000, np.uint16)).save(folder / "deep.png")  # 16-bit grey
+    Image.fromarray(np.full((30, 30), 0.5, np.float32)).save(folder / "float.tif")
     with pytest.raises(SystemExit) as exit_info:
         extension.main(target_directory=tmp_path / "cells", seed=0, workers=1)
     out = capsys.readouterr().out
-    assert exit_info.value.code == 1 and "skipped unreadable image A/thin.png" in out
-    assert len(list(folder.glob("fine_aug*.png"))) == 14 and not list(folder.glob("thin_aug*"))
+    assert exit_info.value.code == 1
+    assert "skipped image A/deep.png: ValueError: a 16-bit image (PIL mode I;16)" in out
+    assert "skipped image A/float.tif: ValueError: a float image (PIL mode F)" in out
+    for name, shape in (("fine", (20, 20)), ("thin", (3000, 1)), ("strip", (2000, 10))):
+        outputs = sorted(folder.glob(f"{name}_aug*.png"))
+        assert len(outputs) == 14 and all(Image.open(p).size == shape for p in outputs)
+    assert not list(folder.glob("deep_aug*")) and not list(folder.glob("float_aug*"))
 
 
 def test_the_export_is_replaced_in_one_step(tmp_path):

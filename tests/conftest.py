@@ -1,5 +1,6 @@
 """Shared fixtures: small synthetic datasets and one tiny trained model, made once per test session."""
 import hashlib
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,10 +23,26 @@ def tree_digest(folder):
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != RUN_RECORD}
 
 
+def run_in(cwd, script, *args):
+    "Run a project script from the working directory `cwd`, as a user in their own folder would."
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True)
+
+
 def run_script(script, *args):
-    "Run a project script as a user would; returns the CompletedProcess (text output)."
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True)
+    "Run a project script from the repository's folder; returns the CompletedProcess (text output)."
+    return run_in(ROOT, script, *args)
+
+
+def last_line(stderr):
+    "The last line a script wrote to stderr (progress bars come before it)."
+    return stderr.rstrip("\n").rsplit("\n", 1)[-1]
+
+
+@pytest.fixture
+def sipakmed_copy(formatted, tmp_path):
+    "A copy of the demo SIPaKMeD division in the test's own folder, for tests that change it."
+    return shutil.copytree(formatted / "sipakmed", tmp_path / "sipakmed")
 
 
 @pytest.fixture(scope="session")

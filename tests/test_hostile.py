@@ -15,22 +15,11 @@ from PIL import Image
 import implementation_DatasetDivision as division
 import synthetic_papsmear as demo
 import TTLR50
-from conftest import ROOT
+from conftest import ROOT, last_line, run_in
 from test_distributed import launch
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import accuracy as accuracy_benchmark  # noqa: E402
-
-
-def run_in(cwd, script, *args):
-    "Run a project script from the working directory `cwd`, as a user in their own folder would."
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True)
-
-
-def last_line(stderr):
-    "The last line a script wrote to stderr (progress bars come before it)."
-    return stderr.rstrip("\n").rsplit("\n", 1)[-1]
 
 
 KILL_DURING_COPY = """
@@ -97,15 +86,15 @@ def png_header_only(path, width, height):
     path.write_bytes(bytes(data))
 
 
-def test_a_decompression_bomb_is_named_and_skipped_in_prediction_and_refused_in_training(leaky_copy, trained,
+def test_a_decompression_bomb_is_named_and_skipped_in_prediction_and_refused_in_training(sipakmed_copy, trained,
                                                                                         tmp_path):
-    png_header_only(leaky_copy / "test" / "Parabasal" / "bomb.png", 20000, 10000)
+    png_header_only(sipakmed_copy / "test" / "Parabasal" / "bomb.png", 20000, 10000)
     predicted = run_in(tmp_path, "Inference_FastAI.py", "--model-path", trained[0] / "models" / "tiny.pkl",
                        "--test-dataset-path", "sipakmed/test", "--output-dir", "report", "--gradcam", 0)
     assert predicted.returncode == 1, predicted.stderr[-2000:]
     assert "skipped unreadable image" in predicted.stdout and "bomb.png: DecompressionBombError" in predicted.stdout
     assert "20 images predicted, 1 skipped" in predicted.stdout
-    (leaky_copy / "test" / "Parabasal" / "bomb.png").rename(leaky_copy / "train" / "Parabasal" / "bomb.png")
+    (sipakmed_copy / "test" / "Parabasal" / "bomb.png").rename(sipakmed_copy / "train" / "Parabasal" / "bomb.png")
     for budget in (0, 1):  # reading the files every epoch, and presized in memory
         trained_run = run_in(tmp_path, "R50.py", "--path-folder", "sipakmed", "--epochs", 1, "--image-size", 32,
                              "--no-pretrained", "--memory-budget", budget)
@@ -113,36 +102,30 @@ def test_a_decompression_bomb_is_named_and_skipped_in_prediction_and_refused_in_
         assert "bomb.png" in last_line(trained_run.stderr) and "DecompressionBombError" in last_line(trained_run.stderr)
 
 
-@pytest.fixture
-def leaky_copy(formatted, tmp_path):
-    "A copy of the demo SIPaKMeD division in the test's working folder."
-    return shutil.copytree(formatted / "sipakmed", tmp_path / "sipakmed")
-
-
-def test_damaged_cache_files_and_manifest_are_rebuilt_and_reported(leaky_copy, capsys):
-    TTLR50.pap_dls(leaky_copy, 32, 10, workers=0)
-    root = leaky_copy / "cache" / "32px"
+def test_damaged_cache_files_and_manifest_are_rebuilt_and_reported(sipakmed_copy, capsys):
+    TTLR50.pap_dls(sipakmed_copy, 32, 10, workers=0)
+    root = sipakmed_copy / "cache" / "32px"
     entry = sorted((root / "train" / "Parabasal").iterdir())[0]
     good = entry.read_bytes()
     entry.write_bytes(good[:len(good) // 2])
     capsys.readouterr()
-    TTLR50.pap_dls(leaky_copy, 32, 10, workers=0)
+    TTLR50.pap_dls(sipakmed_copy, 32, 10, workers=0)
     assert f"1 damaged file(s) presized again from their source, e.g. train/Parabasal/{entry.stem}.png" in \
         capsys.readouterr().out
     assert entry.read_bytes() == good
     (root / "manifest.json").write_text("{ not json")
     entry.write_bytes(b"")
-    TTLR50.pap_dls(leaky_copy, 32, 10, workers=0)
+    TTLR50.pap_dls(sipakmed_copy, 32, 10, workers=0)
     assert "its manifest manifest.json cannot be read (JSONDecodeError" in capsys.readouterr().out
     assert entry.read_bytes() == good and json.loads((root / "manifest.json").read_text())["images"]
 
 
-def test_reports_inside_the_test_folder_are_refused(leaky_copy, trained, tmp_path):
+def test_reports_inside_the_test_folder_are_refused(sipakmed_copy, trained, tmp_path):
     for inside in ("sipakmed/test/report", "sipakmed/test/Parabasal/../report"):
         result = run_in(tmp_path, "Inference_FastAI.py", "--model-path", trained[0] / "models" / "tiny.pkl",
                         "--test-dataset-path", "sipakmed/test", "--output-dir", inside)
         assert result.returncode == 2 and "is inside test_dataset_path" in last_line(result.stderr)
-        assert not (leaky_copy / "test" / "report").exists()
+        assert not (sipakmed_copy / "test" / "report").exists()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -156,12 +139,12 @@ def test_bootstrap_out_of_range_is_refused_before_predicting(trained, formatted,
     assert not (tmp_path / "report").exists()
 
 
-def test_a_batch_of_one_image_is_refused_before_training(leaky_copy, tmp_path):
+def test_a_batch_of_one_image_is_refused_before_training(sipakmed_copy, tmp_path):
     result = run_in(tmp_path, "R50.py", "--path-folder", "sipakmed", "--batch-size", 1, "--image-size", 32)
     assert result.returncode == 2
     assert last_line(result.stderr) == ("error: batch_size is 1; training needs at least 2 images per batch "
                                         "(BatchNorm normalises over the batch) — set --batch-size 2 or more")
-    assert not list((leaky_copy / "models").iterdir())
+    assert not list((sipakmed_copy / "models").iterdir())
 
 
 @pytest.mark.parametrize("options, message", [
@@ -174,13 +157,13 @@ def test_a_batch_of_one_image_is_refused_before_training(leaky_copy, tmp_path):
     (dict(epochs=0), "epochs is 0"),
     (dict(path_folder="missing"), "has no train/<class> folders"),
 ])
-def test_the_accuracy_benchmark_refuses_bad_options_before_any_run(leaky_copy, tmp_path, monkeypatch, capsys,
+def test_the_accuracy_benchmark_refuses_bad_options_before_any_run(sipakmed_copy, tmp_path, monkeypatch, capsys,
                                                                   options, message):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         accuracy_benchmark.main(**{"path_folder": "sipakmed", **options})
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
-    assert not (leaky_copy / "models" / "accuracy").exists() and not (tmp_path / "missing").exists()
+    assert not (sipakmed_copy / "models" / "accuracy").exists() and not (tmp_path / "missing").exists()
 
 
 def test_cells_are_grouped_by_cluster_number_not_by_its_spelling():
@@ -193,16 +176,16 @@ def test_cells_are_grouped_by_cluster_number_not_by_its_spelling():
     assert split_of["001_01"] == split_of["1_02"] == split_of["01_03"]
 
 
-def test_under_a_launcher_one_process_prints_the_error_and_all_stop(leaky_copy, tmp_path):
-    shutil.copy(sorted((leaky_copy / "test" / "Parabasal").iterdir())[0], leaky_copy / "train" / "Parabasal" / "c.bmp")
-    result = launch("R50.py", "--path-folder", leaky_copy, "--epochs", 1, "--image-size", 32, "--no-pretrained")
+def test_under_a_launcher_one_process_prints_the_error_and_all_stop(sipakmed_copy, tmp_path):
+    shutil.copy(sorted((sipakmed_copy / "test" / "Parabasal").iterdir())[0], sipakmed_copy / "train" / "Parabasal" / "c.bmp")
+    result = launch("R50.py", "--path-folder", sipakmed_copy, "--epochs", 1, "--image-size", 32, "--no-pretrained")
     assert result.returncode != 0
     assert result.stderr.count("error: leak check: 1 image(s)") == 1, result.stderr[-3000:]
-    assert "internal error" not in result.stderr and not list((leaky_copy / "models").iterdir())
+    assert "internal error" not in result.stderr and not list((sipakmed_copy / "models").iterdir())
 
 
-def test_a_broken_first_training_image_is_named_on_every_data_path(leaky_copy, tmp_path):
-    first = sorted((leaky_copy / "train").rglob("*.bmp"))[0]
+def test_a_broken_first_training_image_is_named_on_every_data_path(sipakmed_copy, tmp_path):
+    first = sorted((sipakmed_copy / "train").rglob("*.bmp"))[0]
     first.write_bytes(first.read_bytes()[:200])  # a truncated BMP: its header reads, its pixels do not
     for budget in (0, 1):  # reading the files (fastai opens the first image while it builds the loaders), in memory
         result = run_in(tmp_path, "R50.py", "--path-folder", "sipakmed", "--epochs", 1, "--image-size", 32,

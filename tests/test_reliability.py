@@ -23,13 +23,7 @@ import R50
 import R50Herlev
 import synthetic_papsmear as demo
 import TTLR50
-from conftest import IMAGE_SIZE, ROOT, tree_digest
-
-
-def run_in(cwd, script, *args):
-    "Run a project script from the working directory `cwd`, as a user in their own folder would."
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True)
+from conftest import IMAGE_SIZE, ROOT, run_in, tree_digest
 
 
 def one_line_error(capsys, main, code=2, **kwargs):

@@ -20,16 +20,10 @@ import leakcheck
 import presized
 import R50
 import TTLR50
-from conftest import ROOT, tree_digest
+from conftest import ROOT, run_in, tree_digest
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import accuracy as accuracy_benchmark  # noqa: E402
-
-
-def run_in(cwd, script, *args):
-    "Run a project script from the working directory `cwd`, as a user in their own folder would."
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True)
 
 
 def sha256s(folder):
@@ -61,38 +55,32 @@ def test_extended_da_over_an_earlier_division_is_refused_or_rebuilt_and_never_tr
     assert sha256s(raw_data / "sipakmed") >= sha256s(divided / "train")  # the source was only read
 
 
-@pytest.fixture
-def leaky(formatted, tmp_path):
-    "A copy of the demo SIPaKMeD division, for tests that put a test image into train/."
-    return shutil.copytree(formatted / "sipakmed", tmp_path / "sipakmed")
-
-
-def test_a_test_image_copied_into_train_stops_training_and_evaluation(leaky, trained, tmp_path):
-    test_image = sorted((leaky / "test" / "Parabasal").iterdir())[0]
-    shutil.copy(test_image, leaky / "train" / "Koilocytotic" / "renamed copy.bmp")
+def test_a_test_image_copied_into_train_stops_training_and_evaluation(sipakmed_copy, trained, tmp_path):
+    test_image = sorted((sipakmed_copy / "test" / "Parabasal").iterdir())[0]
+    shutil.copy(test_image, sipakmed_copy / "train" / "Koilocytotic" / "renamed copy.bmp")
     result = run_in(tmp_path, "R50.py", "--path-folder", "sipakmed", "--epochs", 1, "--image-size", 32,
                     "--no-pretrained")
     error = result.stderr.rstrip("\n").rsplit("\n", 1)[-1]  # after the leak check's progress bar
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert error.startswith("error: leak check: 1 image(s) of ")
     assert f"test/Parabasal/{test_image.name} = train/Koilocytotic/renamed copy.bmp" in error
-    assert not list((leaky / "models").iterdir())
+    assert not list((sipakmed_copy / "models").iterdir())
     evaluated = run_in(tmp_path, "Inference_FastAI.py", "--model-path", trained[0] / "models" / "tiny.pkl",
                        "--test-dataset-path", "sipakmed/test", "--output-dir", "report")
     assert evaluated.returncode == 2 and "error: leak check: 1 image(s)" in evaluated.stderr
     assert not (tmp_path / "report").exists()
 
 
-def test_an_augmentation_of_a_test_image_in_train_stops_training(leaky, tmp_path, capsys):
-    test_image = sorted((leaky / "test" / "Metaplastic").iterdir())[0]
-    augmented = leaky / "train" / "Metaplastic" / f"{test_image.stem}_aug03.jpg"
+def test_an_augmentation_of_a_test_image_in_train_stops_training(sipakmed_copy, tmp_path, capsys):
+    test_image = sorted((sipakmed_copy / "test" / "Metaplastic").iterdir())[0]
+    augmented = sipakmed_copy / "train" / "Metaplastic" / f"{test_image.stem}_aug03.jpg"
     Image.open(test_image).convert("RGB").rotate(90).save(augmented)  # other bytes than any image of test/
     with pytest.raises(TTLR50.UserError, match=r"leak check: 1 Extended DA image\(s\)") as error:
-        TTLR50.pap_dls(leaky, 32, 10, workers=0)
+        TTLR50.pap_dls(sipakmed_copy, 32, 10, workers=0)
     assert f"train/Metaplastic/{augmented.name} from test/Metaplastic/{test_image.name}" in str(error.value)
     assert "--force" in str(error.value)
-    augmented.rename(leaky / "test" / "Metaplastic" / augmented.name)  # beside its source: no leak
-    assert leakcheck.check_leaks(leaky, progress=False).startswith("leak check: passed")
+    augmented.rename(sipakmed_copy / "test" / "Metaplastic" / augmented.name)  # beside its source: no leak
+    assert leakcheck.check_leaks(sipakmed_copy, progress=False).startswith("leak check: passed")
 
 
 def test_cells_of_one_cluster_image_in_two_splits_are_a_warning_counted_by_number(tmp_path):
@@ -125,17 +113,17 @@ def evaluated_json(trained, formatted, tmp_path):
     return json.loads((tmp_path / "report" / "metrics.json").read_text())
 
 
-def test_an_image_replaced_with_its_time_kept_is_presized_anew(leaky):
-    TTLR50.pap_dls(leaky, 32, 10, workers=0)
-    cache = leaky / "cache" / "32px"
-    replaced, other = sorted((leaky / "train" / "Parabasal").iterdir())[:2]
+def test_an_image_replaced_with_its_time_kept_is_presized_anew(sipakmed_copy):
+    TTLR50.pap_dls(sipakmed_copy, 32, 10, workers=0)
+    cache = sipakmed_copy / "cache" / "32px"
+    replaced, other = sorted((sipakmed_copy / "train" / "Parabasal").iterdir())[:2]
     stat = replaced.stat()
     assert other.stat().st_size == stat.st_size and other.read_bytes() != replaced.read_bytes()
     # What rsync -a or tar x do: new bytes, same size, the modification time of the file they replace.
     subprocess.run(["cp", "-p", str(other), str(replaced)], check=True)
     os.utime(replaced, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert replaced.stat().st_size == stat.st_size and replaced.stat().st_mtime_ns == stat.st_mtime_ns
-    dls = TTLR50.pap_dls(leaky, 32, 10, workers=0)
+    dls = TTLR50.pap_dls(sipakmed_copy, 32, 10, workers=0)
     new_entry = (cache / "train" / "Parabasal" / f"{replaced.name}.png").read_bytes()
     assert new_entry == (cache / "train" / "Parabasal" / f"{other.name}.png").read_bytes()
     store, i = dls.train.store, list(dls.train.items).index(replaced)
@@ -145,19 +133,19 @@ def test_an_image_replaced_with_its_time_kept_is_presized_anew(leaky):
         assert np.array_equal(held, np.asarray(expected.convert("RGB")))
 
 
-def test_a_cache_made_in_another_format_is_rebuilt(leaky):
-    root = presized.build_cache(leaky, 30, progress=False)
+def test_a_cache_made_in_another_format_is_rebuilt(sipakmed_copy):
+    root = presized.build_cache(sipakmed_copy, 30, progress=False)
     entry = next((root / "train" / "Parabasal").iterdir())
     good = entry.read_bytes()
     altered = bytes(good[:-20]) + bytes(b ^ 0xFF for b in good[-20:])  # same size: no damage the cache can see
     entry.write_bytes(altered)
     manifest = json.loads((root / "manifest.json").read_text())
-    presized.build_cache(leaky, 30, progress=False)
+    presized.build_cache(sipakmed_copy, 30, progress=False)
     assert entry.read_bytes() == altered  # the same format: the entry is trusted as it is
     for key, other in (("version", 1), ("resampling", "nearest")):
         entry.write_bytes(altered)
         (root / "manifest.json").write_text(json.dumps({**manifest, key: other}))
-        presized.build_cache(leaky, 30, progress=False)
+        presized.build_cache(sipakmed_copy, 30, progress=False)
         assert entry.read_bytes() == good
 
 

@@ -7,7 +7,9 @@ from pathlib import Path
 
 from fastcore.script import call_parse
 
-import TTLR50
+from papsmear import learner
+from papsmear.files import user_errors
+from papsmear.launch import is_main_process
 
 # --- edit these -----------------------------------------------------------------------------------
 path_folder = Path("data/sipakmed_formatted")  # formatted dataset: train/ val/ test/ models/
@@ -29,38 +31,6 @@ memory_budget = None            # GB the presized images may hold in memory (Non
 # ---------------------------------------------------------------------------------------------------
 
 
-def find_lr(learn, png):
-    "Run fastai's learning-rate finder, save its plot, and return the suggested rate (lr is left as set)."
-    suggestion = learn.lr_find(show_plot=True)
-    TTLR50.save_figure(TTLR50.plt.gcf(), png)
-    TTLR50.plt.close("all")
-    return suggestion.valley
-
-
-def train_r50(path_folder, save_loc=save_loc, model_path=None, export_path=None, epochs=None, batch_size=None,
-              lr=None, image_size=image_size, pretrained=True, pretrained_weights=None, seed=42, lr_find=False,
-              workers=None, cache_size=None, recipe="original", memory_budget=None):
-    """Build, optionally resume, train with `recipe` (epochs, batch_size and lr left None take the recipe's),
-    save and export; returns `TTLR50.train_and_save`'s summary."""
-    settings = TTLR50.recipe_settings(recipe)
-    epochs, batch_size, lr = (settings[k] if v is None else v
-                              for k, v in dict(epochs=epochs, batch_size=batch_size, lr=lr).items())
-    TTLR50.check_training_options(save_loc, epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
-                                  workers=workers, cache_size=cache_size, memory_budget=memory_budget)
-    dls = TTLR50.pap_dls(path_folder, image_size, batch_size, seed=seed, workers=workers, cache_size=cache_size,
-                         recipe=recipe, memory_budget=memory_budget)
-    starts_from_file = model_path is not None
-    learn = TTLR50.pap_learner(dls, pretrained and not starts_from_file, pretrained_weights, path=path_folder,
-                               recipe=recipe)
-    if starts_from_file:
-        TTLR50.load_weights(learn, model_path)
-    if lr_find:
-        png = Path(path_folder) / "models" / f"{save_loc}_lr_find.png"
-        print(f"lr_find suggests lr = {find_lr(learn, png):.2e} (plot: {png}); training with lr = {lr:g}")
-    return TTLR50.train_and_save(learn, epochs, lr, save_loc, export_path=export_path, image_size=image_size,
-                                 recipe=recipe, start_weights=model_path)
-
-
 @call_parse
 def main(path_folder: Path = path_folder,        # formatted dataset: train/ val/ test/ models/
          save_loc: str = save_loc,                # weights name: path_folder/models/<save_loc>.pth
@@ -79,12 +49,12 @@ def main(path_folder: Path = path_folder,        # formatted dataset: train/ val
          cache_size: int = cache_size,            # when not in memory: read a cache resized once to this shorter side
          memory_budget: float = memory_budget):   # GB for presized images in memory (GPU, else RAM); 0: read files
     "Train a ResNet50 on a formatted Pap-smear dataset; save the best weights and export the learner."
-    with TTLR50.user_errors():
-        result = train_r50(path_folder, save_loc=save_loc, model_path=model_path, export_path=export_path,
+    with user_errors():
+        result = learner.train_r50(path_folder, save_loc=save_loc, model_path=model_path, export_path=export_path,
                            epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, pretrained=pretrained,
                            pretrained_weights=pretrained_weights, seed=seed, lr_find=lr_find, workers=workers,
                            cache_size=cache_size, recipe=recipe, memory_budget=memory_budget)
-        if not TTLR50.is_main_process():
+        if not is_main_process():
             return
         print(result["scores"].round(4).to_string())
         print(result["leak_check"])

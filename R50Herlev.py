@@ -8,6 +8,8 @@ from pathlib import Path
 from fastcore.script import call_parse
 
 import TTLR50
+from papsmear.files import user_errors
+from papsmear.launch import is_main_process
 
 # --- edit these -----------------------------------------------------------------------------------
 previous_model_DA = Path("data/sipakmed_extended/models/resnet50.pth")  # R50.py's weights on Extended DA
@@ -17,7 +19,7 @@ current_classes_of_dataset = 7                     # Herlev classes
 output_classes_of_next_dataset = 5                 # SIPaKMeD classes
 herlev_epochs = 10                                 # Herlev stage
 herlev_batch_size = 5
-herlev_save_loc = "resnet50_ttl_herlev"            # Herlev stage weights: herlev_path/models/<this>.pth
+herlev_save_loc = TTLR50.herlev_save_loc            # Herlev stage weights: herlev_path/models/<this>.pth
 epochs = TTLR50.epochs                             # SIPaKMeD stage (defaults set in TTLR50.py)
 batch_size = TTLR50.batch_size
 lr = TTLR50.lr                                     # both stages
@@ -30,44 +32,6 @@ workers = None                                     # data loader processes (defa
 cache_size = None                                  # when not in memory: a cache resized once to this side
 memory_budget = None                               # GB for presized images in memory (None: automatic; 0: off)
 # ---------------------------------------------------------------------------------------------------
-
-
-def triple_transfer(previous_model_DA, herlev_path, sipakmed_path, current_classes_of_dataset=7,
-                    output_classes_of_next_dataset=5, herlev_epochs=10, herlev_batch_size=5,
-                    herlev_save_loc=herlev_save_loc, epochs=epochs, batch_size=batch_size, lr=lr,
-                    image_size=image_size, save_loc=save_loc, start_stage=1, seed=42, workers=None,
-                    cache_size=None, recipe="original", memory_budget=None):
-    """Run the Herlev stage (unless start_stage is 2) and the SIPaKMeD stage, each with `recipe`'s
-    augmentation, loss and schedule (the numbers given here stay); returns each stage's summary."""
-    TTLR50.recipe_settings(recipe)  # an unknown recipe is refused before any work
-    if start_stage not in (1, 2):
-        raise TTLR50.UserError(f"start_stage is {start_stage}; it must be 1 (Herlev, then SIPaKMeD) or 2")
-    TTLR50.check_file_name(herlev_save_loc, "herlev_save_loc")
-    TTLR50.check_training_options(save_loc, herlev_epochs=herlev_epochs, herlev_batch_size=herlev_batch_size,
-                                  epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
-                                  current_classes_of_dataset=current_classes_of_dataset,
-                                  output_classes_of_next_dataset=output_classes_of_next_dataset,
-                                  workers=workers, cache_size=cache_size, memory_budget=memory_budget)
-    TTLR50.check_formatted(herlev_path, current_classes_of_dataset)
-    TTLR50.check_formatted(sipakmed_path, output_classes_of_next_dataset)
-    herlev_path, sipakmed_path = TTLR50.user_path(herlev_path), TTLR50.user_path(sipakmed_path)
-    herlev_weights = herlev_path / "models" / f"{herlev_save_loc}.pth"
-    results = {}
-    if start_stage == 1:
-        if not Path(previous_model_DA).is_file():
-            raise TTLR50.UserError(f"previous_model_DA {previous_model_DA} does not exist — train R50.py on the "
-                                   "Extended DA dataset first and point previous_model_DA to its .pth")
-        results["herlev"] = TTLR50.ttl_stage(herlev_path, previous_model_DA, save_loc=herlev_save_loc,
-                                             epochs=herlev_epochs, batch_size=herlev_batch_size, lr=lr,
-                                             image_size=image_size, seed=seed, workers=workers,
-                                             cache_size=cache_size, recipe=recipe, memory_budget=memory_budget)
-    elif not herlev_weights.is_file():
-        raise TTLR50.UserError(f"start_stage 2 needs the Herlev stage's weights {herlev_weights} — run stage 1 first")
-    results["sipakmed"] = TTLR50.ttl_stage(sipakmed_path, herlev_weights, save_loc=save_loc, epochs=epochs,
-                                           batch_size=batch_size, lr=lr, image_size=image_size, seed=seed,
-                                           workers=workers, cache_size=cache_size, recipe=recipe,
-                                           memory_budget=memory_budget)
-    return results
 
 
 @call_parse
@@ -86,13 +50,13 @@ def main(previous_model_DA: Path = previous_model_DA,          # R50.py's .pth t
          save_loc: str = save_loc,                             # final weights name under sipakmed_path/models
          start_stage: int = start_stage,                       # 2: skip Herlev and start from its saved weights
          seed: int = seed,                                     # random seed
-         workers: int = workers,                               # data loader processes (default: one per core on GPU, none on CPU)
+         workers: int = workers,                               # loader processes (default: 1 per core on GPU, 0 on CPU)
          cache_size: int = cache_size,                         # when not in memory: a cache resized once to this side
          recipe: str = recipe,                                 # original or modern (augmentation, loss, schedule)
-         memory_budget: float = memory_budget):                # GB for presized images in memory (GPU, else RAM); 0: off
+         memory_budget: float = memory_budget):                # GB for presized images held in memory; 0: off
     "Triple Transfer Learning: Extended DA weights → Herlev (7 classes) → SIPaKMeD (5 classes)."
-    with TTLR50.user_errors():
-        results = triple_transfer(previous_model_DA, herlev_path, sipakmed_path,
+    with user_errors():
+        results = TTLR50.triple_transfer(previous_model_DA, herlev_path, sipakmed_path,
                                   current_classes_of_dataset=current_classes_of_dataset,
                                   output_classes_of_next_dataset=output_classes_of_next_dataset,
                                   herlev_epochs=herlev_epochs, herlev_batch_size=herlev_batch_size,
@@ -100,7 +64,7 @@ def main(previous_model_DA: Path = previous_model_DA,          # R50.py's .pth t
                                   image_size=image_size, save_loc=save_loc, start_stage=start_stage, seed=seed,
                                   workers=workers, cache_size=cache_size, recipe=recipe,
                                   memory_budget=memory_budget)
-        if not TTLR50.is_main_process():
+        if not is_main_process():
             return
         for stage, result in results.items():
             print(f"{stage} stage: validation accuracy {result['scores'].loc['validation', 'accuracy']:.4f}, "

@@ -13,29 +13,27 @@ from pathlib import Path
 from typing import Annotated
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import TTLR50  # noqa: E402,I001  first: it quiets a deprecation warning that importing fastai prints
 
 import pandas as pd  # noqa: E402
 from fastcore.script import call_parse  # noqa: E402
 from sklearn.metrics import accuracy_score, f1_score  # noqa: E402
 from sklearn.model_selection import StratifiedGroupKFold  # noqa: E402
 
-import Inference_FastAI  # noqa: E402
-import R50  # noqa: E402
-from implementation_DatasetDivision import read_split_csv  # noqa: E402
-from papfiles import SPLITS, is_augmentation, is_sample_image, source_stem  # noqa: E402
+from papsmear import data, figures, learner, predict  # noqa: E402
+from papsmear.division import read_split_csv  # noqa: E402
+from papsmear.files import SPLITS, UserError, is_augmentation, is_sample_image, source_stem, user_errors, user_path  # noqa: E402
 
 SCORES = ["accuracy", "accuracy_tta", "macro_f1", "macro_f1_tta"]
 
 
 def test_scores(learn, test_folder, batch_size=64):
     "Accuracy and macro F1 of `learn` on a labelled test folder, plain and with test-time augmentation."
-    files, labels, _ = Inference_FastAI.list_inputs(test_folder)
+    files, labels, _ = predict.list_inputs(test_folder)
     classes = list(map(str, learn.dls.vocab))
     truth = [classes.index(label) for label in labels]
     scores = {}
     for suffix, tta in (("", False), ("_tta", True)):
-        predicted = Inference_FastAI.predict_files(learn, files, batch_size, tta=tta).argmax(1)
+        predicted = predict.predict_files(learn, files, batch_size, tta=tta).argmax(1)
         scores[f"accuracy{suffix}"] = accuracy_score(truth, predicted)
         scores[f"macro_f1{suffix}"] = f1_score(truth, predicted, average="macro")
     return scores
@@ -80,7 +78,7 @@ def fold_datasets(path_folder, folds, seed, out):
 def check_folds(folds):
     "Refuse a number of folds that leaves no training part: 0 (the division's split) or at least 3."
     if folds and folds < 3:
-        raise TTLR50.UserError(f"folds is {folds}; use 0 (the division's own test split) or 3 or more (each fold tests "
+        raise UserError(f"folds is {folds}; use 0 (the division's own test split) or 3 or more (each fold tests "
                                "on one part, validates on the next and trains on the rest)")
 
 
@@ -89,7 +87,7 @@ def check_fold_groups(path_folder, folds):
     images, groups = fold_groups(path_folder)
     counts = pd.DataFrame(dict(label=[label for _, label in images], group=groups)).groupby("label")["group"].nunique()
     if counts.min() < folds:
-        raise TTLR50.UserError(f"class {counts.idxmin()} has {counts.min()} image group(s) (an image with its "
+        raise UserError(f"class {counts.idxmin()} has {counts.min()} image group(s) (an image with its "
                                f"augmentations, or the cells of one cluster image), fewer than folds {folds} — "
                                "lower --folds")
 
@@ -106,7 +104,7 @@ def summarise(runs):
 def plot_summary(runs, png):
     "Per recipe: each run's test accuracy as a dot and the mean ± std as a bar with an error line."
     summary = summarise(runs)
-    fig, ax = TTLR50.plt.subplots(figsize=(1.4 * len(summary) + 3, 4))
+    fig, ax = figures.plt.subplots(figsize=(1.4 * len(summary) + 3, 4))
     x = range(len(summary))
     ax.bar(x, summary["accuracy_mean"], yerr=summary["accuracy_std"].fillna(0), color="#9ecae1", capsize=6)
     for i, recipe in enumerate(summary.index):
@@ -115,21 +113,22 @@ def plot_summary(runs, png):
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
     ax.set_title("test accuracy per recipe: runs (dots), mean ± std (bars)")
-    TTLR50.save_figure(fig, png)
+    figures.save_figure(fig, png)
 
 
 def format_summary(summary):
     "The summary as a reader wants it: mean ± std per score, in percent."
     return pd.DataFrame({"runs": summary["runs"], "seconds": summary["seconds_mean"].round(0), **{
         score: [f"{100 * m:.1f} ± {100 * s:.1f}" if s == s else f"{100 * m:.1f}"
-                for m, s in zip(summary[f"{score}_mean"], summary[f"{score}_std"])] for score in SCORES}},
+                for m, s in zip(summary[f"{score}_mean"], summary[f"{score}_std"], strict=True)] for score in SCORES}},
         index=summary.index).to_string()
 
 
 @call_parse
 def main(path_folder: Path = Path("data/herlev_formatted"),                     # formatted dataset
-         recipes: Annotated[list, {"nargs": "+", "type": str}] = ["original", "modern"],  # recipes to compare (modern-<ingredient>: without one)
-         seeds: Annotated[list, {"nargs": "+", "type": int}] = [0, 1, 2],       # one run per seed
+         # recipes to compare (modern-<ingredient>: modern without one ingredient)
+         recipes: Annotated[list, {"nargs": "+", "type": str}] = ("original", "modern"),
+         seeds: Annotated[list, {"nargs": "+", "type": int}] = (0, 1, 2),       # one run per seed
          folds: int = 0,                          # 0: the division's own test split; k: k group-aware folds
          epochs: int = None,                      # default: each recipe's
          batch_size: int = None,                  # default: each recipe's
@@ -139,18 +138,18 @@ def main(path_folder: Path = Path("data/herlev_formatted"),                     
          memory_budget: float = None,             # GB for presized images in memory (default as R50.py; 0: off)
          out: Path = None):                       # results folder (default: path_folder/models/accuracy)
     "Train and test each recipe for each seed (and fold); print and write per-run scores and mean ± std."
-    with TTLR50.user_errors():
+    with user_errors():
         # Every option is checked before the first run, so that a bad one never stops a benchmark half-way.
-        path_folder = TTLR50.user_path(path_folder)
+        path_folder = user_path(path_folder)
         for recipe in recipes:
-            TTLR50.recipe_settings(recipe)
+            data.recipe_settings(recipe)
         check_folds(folds)
-        TTLR50.check_training_options("accuracy", epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
+        learner.check_training_options("accuracy", epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
                                       workers=workers, memory_budget=memory_budget)
-        TTLR50.check_formatted(path_folder)
+        data.check_formatted(path_folder)
         if folds:
             check_fold_groups(path_folder, folds)
-        out = TTLR50.user_path(out or path_folder / "models" / "accuracy")
+        out = user_path(out or path_folder / "models" / "accuracy")
         out.mkdir(parents=True, exist_ok=True)
         datasets = fold_datasets(path_folder, folds, seeds[0], out) if folds else [path_folder]
         rows = []
@@ -158,7 +157,7 @@ def main(path_folder: Path = Path("data/herlev_formatted"),                     
             for seed in seeds:
                 for fold, dataset in enumerate(datasets):
                     start = time.perf_counter()
-                    result = R50.train_r50(dataset, save_loc=f"accuracy_{recipe}_seed{seed}", epochs=epochs,
+                    result = learner.train_r50(dataset, save_loc=f"accuracy_{recipe}_seed{seed}", epochs=epochs,
                                            batch_size=batch_size, lr=lr, image_size=image_size, pretrained=False,
                                            seed=seed, workers=workers, recipe=recipe,
                                            memory_budget=memory_budget)

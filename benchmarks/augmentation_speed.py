@@ -14,8 +14,8 @@ from pathlib import Path
 from fastcore.script import call_parse
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent.parent / "demo")]
-import implementation_DataAugmentation_Extension as extension  # noqa: E402
 import synthetic_papsmear as demo  # noqa: E402
+from papsmear import augment as extension  # noqa: E402
 from timing import timed  # noqa: E402
 
 

@@ -18,9 +18,11 @@ import torch
 from fastcore.script import call_parse
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent.parent / "demo")]
-import TTLR50  # noqa: E402,I001
-import Inference_FastAI as inference  # noqa: E402
+from fastai.torch_core import default_device  # noqa: E402
+
 import synthetic_papsmear as demo  # noqa: E402
+from papsmear import data, learner, predict  # noqa: E402
+from papsmear.files import available_cpus  # noqa: E402
 from timing import repeated, spread  # noqa: E402
 
 
@@ -31,7 +33,7 @@ def predict_one_by_one(learn, files):
 
 def predict_batch_per_worker(learn, files, batch_size):
     "Class indices from fastai's own test loader, each of its workers (one per core) decoding whole batches."
-    dl = learn.dls.test_dl(files, bs=batch_size, num_workers=TTLR50.available_cpus())
+    dl = learn.dls.test_dl(files, bs=batch_size, num_workers=available_cpus())
     return learn.get_preds(dl=dl)[0].argmax(1).tolist()
 
 
@@ -54,29 +56,29 @@ def measure(learn, files, batch_sizes, image_size, repeats):
     *loop_timing, looped = repeated(predict_one_by_one, learn, files, repeats=repeats)
     rows, decoding, network = [("per-image predict loop", "-", loop_timing, looped)], [], []
     for batch_size in batch_sizes:
-        plain = learn.dls.test_dl(files, bs=batch_size, num_workers=TTLR50.available_cpus())
+        plain = learn.dls.test_dl(files, bs=batch_size, num_workers=available_cpus())
         decoding.append((batch_size, repeated(decode_all, plain, repeats=repeats)[:3],
-                         repeated(decode_all, TTLR50.prediction_dl(learn, files, batch_size), repeats=repeats)[:3]))
+                         repeated(decode_all, predict.prediction_dl(learn, files, batch_size), repeats=repeats)[:3]))
         *timing, predicted = repeated(predict_batch_per_worker, learn, files, batch_size, repeats=repeats)
         rows.append(("fastai loader, a batch per worker", batch_size, timing, [classes[i] for i in predicted]))
-        *timing, probabilities = repeated(inference.predict_files, learn, files, batch_size, repeats=repeats)
+        *timing, probabilities = repeated(predict.predict_files, learn, files, batch_size, repeats=repeats)
         rows.append(("Inference_FastAI (image per task)", batch_size, timing,
                      [classes[i] for i in probabilities.argmax(1)]))
     model = learn.model.eval()
     for batch_size in batch_sizes:
-        batch = torch.randn(batch_size, 3, image_size, image_size, device=TTLR50.default_device())
+        batch = torch.randn(batch_size, 3, image_size, image_size, device=default_device())
         for name, memory_format in (("contiguous", torch.contiguous_format), ("channels-last", torch.channels_last)):
             model.to(memory_format=memory_format)
             seconds = repeated(network_alone, model, batch, memory_format, repeats=repeats)[:3]
             network.append((batch_size, name, [s * len(files) / batch_size for s in seconds]))
-    model.to(memory_format=torch.channels_last)  # as Inference_FastAI.load_classifier leaves it
+    model.to(memory_format=torch.channels_last)  # as predict.load_classifier leaves it
     return rows, decoding, network
 
 
 def export_untrained_model(folder, image_size):
     "A ResNet50 learner exported from a formatted demo folder (speed does not depend on the weights)."
-    dls = TTLR50.pap_dls(folder, image_size, batch_size=5, workers=0, memory_budget=0)
-    learn = TTLR50.pap_learner(dls, path=folder)
+    dls = data.pap_dls(folder, image_size, batch_size=5, workers=0, memory_budget=0)
+    learn = learner.pap_learner(dls, path=folder)
     learn.export(folder / "model.pkl")
     return folder / "model.pkl"
 
@@ -86,7 +88,7 @@ def main(n_images: int = 40,     # test images (spread over the 5 classes)
          width: int = 2048,      # image width (real SIPaKMeD cluster images: 2048)
          height: int = 1536,     # image height (real: 1536)
          image_size: int = 224,  # model input side, as in training
-         batch_sizes: Annotated[list, {"nargs": "+", "type": int}] = [16, 64],  # batches of the batched paths
+         batch_sizes: Annotated[list, {"nargs": "+", "type": int}] = (16, 64),  # batches of the batched paths
          repeats: int = 3):      # timed runs of each path after its warm-up; the median is reported
     """Print seconds and images/s of the per-image loop and of both batched loaders at each batch size, how
     long each loader takes to decode the images alone, and the network alone in both memory layouts."""
@@ -101,15 +103,15 @@ def main(n_images: int = 40,     # test images (spread over the 5 classes)
                 (target / cls.name).mkdir(parents=True, exist_ok=True)
                 shutil.copy(path, target / cls.name / path.name)
         files = sorted((folder / "test").rglob("*.bmp"))[:n_images]
-        learn, _ = inference.load_classifier(export_untrained_model(folder, image_size), files)
+        learn, _ = predict.load_classifier(export_untrained_model(folder, image_size), files)
         with learn.no_bar():
             rows, decoding, network = measure(learn, files, batch_sizes, image_size, repeats)
-    print(f"{len(files)} images of {width}x{height} at {image_size}px, {TTLR50.available_cpus()} cores, "
-          f"device {TTLR50.default_device()}; median of {repeats} runs after a warm-up (min–max)")
+    print(f"{len(files)} images of {width}x{height} at {image_size}px, {available_cpus()} cores, "
+          f"device {default_device()}; median of {repeats} runs after a warm-up (min–max)")
     print(f"{'path':34} | batch | seconds            | images/s | × loop | same class as the loop")
     loop_seconds, looped = rows[0][2][0], rows[0][3]
     for name, batch_size, timing, predicted in rows:
-        agree = sum(a == b for a, b in zip(looped, predicted))
+        agree = sum(a == b for a, b in zip(looped, predicted, strict=True))
         print(f"{name:34} | {batch_size!s:>5} | {spread(*timing):18} | {len(files) / timing[0]:8.2f} | "
               f"{loop_seconds / timing[0]:6.1f} | {agree}/{len(files)}")
     print("decoding alone (no network), seconds: " + "; ".join(

@@ -25,13 +25,14 @@ import torch
 from fastcore.script import call_parse
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent.parent / "demo")]
-import TTLR50  # noqa: E402,I001
-import presized  # noqa: E402
-import synthetic_papsmear as demo  # noqa: E402
-from timing import repeated, timed  # noqa: E402
 from fastai.callback.core import Callback  # noqa: E402
 from fastai.data.core import DataLoaders  # noqa: E402
-from fastai.torch_core import find_bs  # noqa: E402
+from fastai.torch_core import default_device, find_bs  # noqa: E402
+
+import synthetic_papsmear as demo  # noqa: E402
+from papsmear import data, learner, presize  # noqa: E402
+from papsmear.files import available_cpus  # noqa: E402
+from timing import repeated, timed  # noqa: E402
 
 
 class TrainTimer(Callback):
@@ -63,7 +64,7 @@ class TrainTimer(Callback):
         return time.perf_counter() - self.start
 
 
-class HeldBatchDL(presized.PresizedDL):
+class HeldBatchDL(presize.PresizedDL):
     "Every batch is the first one, cut once from the presized images: fastai's fit with no data work left."
     def create_batches(self, samps):
         "The first batch, as many times as there are batches."
@@ -90,7 +91,7 @@ def make_dataset(folder, n_images, width, height):
 def bare_step(model, settings, image_size, batch_size, steps):
     """Images/s of bare PyTorch training steps (forward, backward, torch's Adam) on random tensors, no fastai
     and no augmentation: the median of 3 timings of `steps` steps, after a warm-up."""
-    device = TTLR50.default_device()
+    device = default_device()
     model = model.to(device).train()
     memory = torch.channels_last if settings["channels_last"] else torch.contiguous_format
     model = model.to(memory_format=memory)
@@ -117,20 +118,21 @@ def bare_step(model, settings, image_size, batch_size, steps):
 def throughput(dls, folder, epochs):
     """([median, min, max] training images/s, median validation images/s) of R50's learner (built by TTLR50)
     fitting `dls` for `epochs` epochs, the first left out as a warm-up."""
-    learn = TTLR50.pap_learner(dls, path=folder)
+    learn = learner.pap_learner(dls, path=folder)
     timer = TrainTimer()
     with learn.no_bar(), learn.no_logging():
         learn.fit(epochs, 1e-3, cbs=timer)
     train = timer.train_rates[1:] or timer.train_rates
-    return [statistics.median(train), min(train), max(train)], statistics.median(timer.valid_rates[1:] or timer.valid_rates)
+    valid = timer.valid_rates[1:] or timer.valid_rates
+    return [statistics.median(train), min(train), max(train)], statistics.median(valid)
 
 
 def in_memory_dls(folder, image_size, batch_size, workers):
     "Path (d)'s data loaders; refused when the presized images do not fit in memory (it would read files)."
-    dls = TTLR50.pap_dls(folder, image_size, batch_size, workers=workers, memory_budget=None)
-    if not isinstance(dls.train, presized.PresizedDL):
+    dls = data.pap_dls(folder, image_size, batch_size, workers=workers, memory_budget=None)
+    if not isinstance(dls.train, presize.PresizedDL):
         raise SystemExit("(d) would read the files: the presized images do not fit the memory budget here")
-    print(f"(d) at batch {batch_size}: presized images held in {presized.describe_stores(dls.loaders)}", flush=True)
+    print(f"(d) at batch {batch_size}: presized images held in {presize.describe_stores(dls.loaders)}", flush=True)
     return dls
 
 
@@ -178,23 +180,23 @@ def main(n_images: int = None,     # training images, 2048x1536 like the real cl
          steps: int = None,        # bare training steps per timing (default: 30 GPU, 5 CPU)
          workers: int = None):     # data loader workers of (b) and (c) (default: TTLR50's choice for the device)
     "Print, per batch size, the ceiling (a), the file (b), cache (c) and in-memory (d) paths, and the ratios."
-    gpu = TTLR50.default_device().type == "cuda"
+    gpu = default_device().type == "cuda"
     n_images = n_images or (576 if gpu else 80)
     image_size = image_size or (224 if gpu else 32)
     batch_sizes = batch_sizes or ([64, 10] if gpu else [16, 10])
-    settings = TTLR50.current_speed_settings(workers)
+    settings = data.current_speed_settings(workers)
     cache_size = round(image_size * 1.15)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         seconds, folder = timed(make_dataset, Path(tmp), n_images, width, height)
         print(f"generated {n_images} images of {width}x{height} in {seconds:.0f} s", flush=True)
-        held = presized.split_images(folder)
-        cache_build, _ = timed(TTLR50.build_cache, folder, cache_size, progress=False)
-        presize_build, _ = timed(TTLR50.build_cache, folder, image_size, progress=False)
-        load, _ = timed(presized.load_store, [folder / "cache" / f"{image_size}px" / f"{f.relative_to(folder)}.png"
+        held = presize.split_images(folder)
+        cache_build, _ = timed(presize.build_cache, folder, cache_size, progress=False)
+        presize_build, _ = timed(presize.build_cache, folder, image_size, progress=False)
+        load, _ = timed(presize.load_store, [folder / "cache" / f"{image_size}px" / f"{f.relative_to(folder)}.png"
                                               for f in held], [0] * len(held), "cpu")
         prepare = dict(a=0.0, b=0.0, c=cache_build / len(held), d=(presize_build + load) / len(held))
-        model = TTLR50.pap_learner(TTLR50.pap_dls(folder, image_size, batch_sizes[0], workers=0,
+        model = learner.pap_learner(data.pap_dls(folder, image_size, batch_sizes[0], workers=0,
                                                   memory_budget=0)).model
         for batch_size in batch_sizes:
             if torch.cuda.is_available():
@@ -203,18 +205,18 @@ def main(n_images: int = None,     # training images, 2048x1536 like the real cl
                 batch_size=batch_size,
                 bare=bare_step(model, settings, image_size, batch_size, steps or (30 if gpu else 5)),
                 a=throughput(ceiling_dls(folder, image_size, batch_size, workers), folder, epochs),
-                b=throughput(TTLR50.pap_dls(folder, image_size, batch_size, workers=workers, memory_budget=0),
+                b=throughput(data.pap_dls(folder, image_size, batch_size, workers=workers, memory_budget=0),
                              folder, epochs),
-                c=throughput(TTLR50.pap_dls(folder, image_size, batch_size, workers=workers, cache_size=cache_size,
+                c=throughput(data.pap_dls(folder, image_size, batch_size, workers=workers, cache_size=cache_size,
                                             memory_budget=0), folder, epochs),
                 d=throughput(in_memory_dls(folder, image_size, batch_size, workers), folder, epochs),
                 peak_gb=torch.cuda.max_memory_allocated() / 2 ** 30 if gpu else None))
-        nbytes = presized.presized_bytes(held, image_size) / 2 ** 30
-    print(f"\ndevice {TTLR50.default_device()}, {TTLR50.available_cpus()} cores, {image_size}px, "
+        nbytes = presize.presized_bytes(held, image_size) / 2 ** 30
+    print(f"\ndevice {default_device()}, {available_cpus()} cores, {image_size}px, "
           f"precision {settings['amp'] or 'fp32'}, channels_last {settings['channels_last']}, "
           f"{settings['workers']} loader workers for (b) and (c); training images/s, median of epochs 2–{epochs} "
           "(min–max)")
     print(f"cache ({cache_size}px) built in {cache_build:.1f} s; presized images ({image_size}px) built in "
-          f"{presize_build:.1f} s and loaded in {load:.1f} s with {TTLR50.available_cpus()} threads, "
+          f"{presize_build:.1f} s and loaded in {load:.1f} s with {available_cpus()} threads, "
           f"{nbytes * 1024:.1f} MB held in memory")
     print(report_table(rows, prepare))

@@ -71,11 +71,11 @@ def _outline(rng, cx, cy, radius, elongation, vertices, irregularity, angle):
     r = radius * (1 + rng.uniform(-irregularity, irregularity, theta.size))
     x, y = r * np.cos(theta) * elongation ** 0.5, r * np.sin(theta) / elongation ** 0.5
     ca, sa = np.cos(angle), np.sin(angle)
-    return [(float(cx + ca * a - sa * b), float(cy + sa * a + ca * b)) for a, b in zip(x, y)]
+    return [(float(cx + ca * a - sa * b), float(cy + sa * a + ca * b)) for a, b in zip(x, y, strict=True)]
 
 
 def _jitter(colour, factors):
-    return tuple(int(np.clip(c * f, 0, 255)) for c, f in zip(colour, factors))
+    return tuple(int(np.clip(c * f, 0, 255)) for c, f in zip(colour, factors, strict=True))
 
 
 def draw_cell(rng, draw, mask, cx, cy, radius, style, stain):

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-import implementation_DatasetDivision as division
 import synthetic_papsmear as demo
-from papfiles import RUN_RECORD
+from papsmear import augment as extension
+from papsmear import division, learner
+from papsmear.files import RUN_RECORD
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE_SIZE = 48
@@ -66,11 +67,9 @@ def formatted(raw_data, tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained(formatted, tmp_path_factory):
     "R50 trained for a few epochs on the Extended DA copy of the demo SIPaKMeD (no network, random init)."
-    import implementation_DataAugmentation_Extension as extension
-    import R50
     path, _ = extension.copy_dataset(formatted / "sipakmed", tmp_path_factory.mktemp("trained") / "sipakmed",
                                      progress=False)
     extension.extend_dataset(path, workers=2, progress=False)
-    result = R50.train_r50(path, save_loc="tiny", epochs=4, batch_size=16, lr=0.01, image_size=IMAGE_SIZE,
-                           pretrained=False, workers=0)
+    result = learner.train_r50(path, save_loc="tiny", epochs=4, batch_size=16, lr=0.01, image_size=IMAGE_SIZE,
+                               pretrained=False, workers=0)
     return path, result

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import implementation_DataAugmentation_Extension as extension
-import papfiles
 from conftest import run_script, tree_digest
+from papsmear import augment as extension
+from papsmear import files as papfiles
 
 # Groups that can legitimately return the image unchanged: 10 may pick GaussianBlur with a sigma close
 # to 0; 11 and 12 may pick ChannelShuffle and draw the identity order (1 time in 6).

@@ -12,6 +12,7 @@ import pytest
 
 import TTLR50
 from conftest import ROOT
+from papsmear import data, learner
 
 ACCELERATE = Path(sys.executable).parent / "accelerate"
 
@@ -52,8 +53,8 @@ def test_two_processes_write_each_file_once_and_report_the_whole_validation_set(
         list((path / "val").rglob("*.BMP"))) and not list(cache.rglob("*.partial"))
     log = pd.read_csv(path / "models" / "ddp_log.csv")
     assert list(log["epoch"]) == [0, 1]  # one writer: no line twice
-    learn = TTLR50.pap_learner(TTLR50.pap_dls(path, 32, 8, workers=0), path=path)
-    TTLR50.load_weights(learn, path / "models" / "ddp.pth")
+    learn = learner.pap_learner(data.pap_dls(path, 32, 8, workers=0), path=path)
+    learner.load_weights(learn, path / "models" / "ddp.pth")
     recomputed = float(learn.validate()[1])
     assert printed_validation_accuracy(result.stdout) == pytest.approx(recomputed, abs=1e-4)
     assert log["accuracy"].max() == pytest.approx(recomputed, abs=1e-4)  # the best epoch, on all 21 images

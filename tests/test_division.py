@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-import implementation_DatasetDivision as division
-import papfiles
 from conftest import run_script, tree_digest
-from TTLR50 import UserError
+from papsmear import division
+from papsmear import files as papfiles
+from papsmear.files import UserError
 
 REAL_SIPAKMED_CLUSTERS = {"Dyskeratotic": 271, "Koilocytotic": 238, "Metaplastic": 223, "Parabasal": 108,
                           "Superficial-Intermediate": 126}
@@ -142,9 +142,9 @@ def test_an_interrupted_run_is_completed_by_the_next(raw_data, tmp_path, monkeyp
 
 
 def error_of(capsys, **kwargs):
-    "Run main in-process; return (exit code, stderr)."
-    with pytest.raises(SystemExit) as exit_info:
-        division.main(**kwargs)
+    "Divide in-process as the script does, its errors turned into messages; return (exit code, stderr)."
+    with pytest.raises(SystemExit) as exit_info, papfiles.user_errors():
+        division.divide_dataset(**kwargs)
     return exit_info.value.code, capsys.readouterr().err
 
 

@@ -12,20 +12,18 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import implementation_DatasetDivision as division
 import synthetic_papsmear as demo
-import TTLR50
 from conftest import ROOT, last_line, run_in
+from papsmear import data, division
 from test_distributed import launch
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import accuracy as accuracy_benchmark  # noqa: E402
 
-
 KILL_DURING_COPY = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import implementation_DataAugmentation_Extension as extension
+from papsmear import augment as extension
 copies = []
 real = extension.copy_atomically
 def copy_then_die(source, target):
@@ -103,19 +101,19 @@ def test_a_decompression_bomb_is_named_and_skipped_in_prediction_and_refused_in_
 
 
 def test_damaged_cache_files_and_manifest_are_rebuilt_and_reported(sipakmed_copy, capsys):
-    TTLR50.pap_dls(sipakmed_copy, 32, 10, workers=0)
+    data.pap_dls(sipakmed_copy, 32, 10, workers=0)
     root = sipakmed_copy / "cache" / "32px"
     entry = sorted((root / "train" / "Parabasal").iterdir())[0]
     good = entry.read_bytes()
     entry.write_bytes(good[:len(good) // 2])
     capsys.readouterr()
-    TTLR50.pap_dls(sipakmed_copy, 32, 10, workers=0)
+    data.pap_dls(sipakmed_copy, 32, 10, workers=0)
     assert f"1 damaged file(s) presized again from their source, e.g. train/Parabasal/{entry.stem}.png" in \
         capsys.readouterr().out
     assert entry.read_bytes() == good
     (root / "manifest.json").write_text("{ not json")
     entry.write_bytes(b"")
-    TTLR50.pap_dls(sipakmed_copy, 32, 10, workers=0)
+    data.pap_dls(sipakmed_copy, 32, 10, workers=0)
     assert "its manifest manifest.json cannot be read (JSONDecodeError" in capsys.readouterr().out
     assert entry.read_bytes() == good and json.loads((root / "manifest.json").read_text())["images"]
 
@@ -177,7 +175,8 @@ def test_cells_are_grouped_by_cluster_number_not_by_its_spelling():
 
 
 def test_under_a_launcher_one_process_prints_the_error_and_all_stop(sipakmed_copy, tmp_path):
-    shutil.copy(sorted((sipakmed_copy / "test" / "Parabasal").iterdir())[0], sipakmed_copy / "train" / "Parabasal" / "c.bmp")
+    test_image = sorted((sipakmed_copy / "test" / "Parabasal").iterdir())[0]
+    shutil.copy(test_image, sipakmed_copy / "train" / "Parabasal" / "c.bmp")
     result = launch("R50.py", "--path-folder", sipakmed_copy, "--epochs", 1, "--image-size", 32, "--no-pretrained")
     assert result.returncode != 0
     assert result.stderr.count("error: leak check: 1 image(s)") == 1, result.stderr[-3000:]

@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix
 
-import Inference_FastAI as inference
 from conftest import run_script
+from papsmear import files as papfiles
+from papsmear import report as reporting
 
 CLASSES = ["Dyskeratotic", "Koilocytotic", "Metaplastic", "Parabasal", "Superficial-Intermediate"]
 
@@ -63,8 +64,8 @@ def test_confusion_matrix_picture_and_tta_scores_are_written(evaluated):
 def test_weights_only_path_predicts_what_the_export_predicts(trained, formatted, tmp_path):
     models = trained[0] / "models"
     test = formatted / "sipakmed" / "test"
-    from_pkl = inference.evaluate_folder(models / "tiny.pkl", test, tmp_path / "pkl")["table"]
-    from_pth = inference.evaluate_folder(models / "tiny.pth", test, tmp_path / "pth")["table"]
+    from_pkl = reporting.evaluate_folder(models / "tiny.pkl", test, tmp_path / "pkl")["table"]
+    from_pth = reporting.evaluate_folder(models / "tiny.pth", test, tmp_path / "pth")["table"]
     columns = [f"p_{c}" for c in CLASSES]
     assert np.allclose(from_pkl[columns].to_numpy(), from_pth[columns].to_numpy(), atol=1e-5)
     assert (from_pkl["predicted_class"] == from_pth["predicted_class"]).all()
@@ -80,7 +81,7 @@ def test_single_image_and_unlabelled_folder(trained, formatted, tmp_path):
     folder = tmp_path / "unlabelled"
     shutil.copytree(formatted / "sipakmed" / "test" / "Metaplastic", folder)
     (folder / "readme.txt").write_text("not an image")
-    result = inference.evaluate_folder(trained[0] / "models" / "tiny.pkl", folder, tmp_path / "many")
+    result = reporting.evaluate_folder(trained[0] / "models" / "tiny.pkl", folder, tmp_path / "many")
     assert len(result["table"]) == 4 and result["metrics"] == {}
     assert not (tmp_path / "many" / "confusion_matrix.png").exists()
 
@@ -121,7 +122,7 @@ def test_bad_input_is_one_line_with_exit_code_2(trained, formatted, tmp_path, ca
     elif case == "empty_folder":
         test = tmp_path / "empty"
         test.mkdir()
-    with pytest.raises(SystemExit) as exit_info:
-        inference.main(model_path=model, test_dataset_path=test, output_dir=tmp_path / "out")
+    with pytest.raises(SystemExit) as exit_info, papfiles.user_errors():
+        reporting.evaluate_folder(model_path=model, test_dataset_path=test, output_dir=tmp_path / "out")
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and err.startswith("error: ") and err.count("\n") == 1

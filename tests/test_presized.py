@@ -1,6 +1,5 @@
 """The in-memory path (presized images held in memory, batches cut by indexing), its memory budget, the
 parallel cache build, and per-image parallel decoding for prediction."""
-import pickle
 import shutil
 
 import numpy as np
@@ -10,10 +9,9 @@ from fastai.data.core import TfmdDL
 from fastai.learner import load_learner
 from PIL import Image
 
-import Inference_FastAI as inference
-import presized
-import TTLR50
 from conftest import IMAGE_SIZE, tree_digest
+from papsmear import data, learner, predict, presize
+from papsmear import files as papfiles
 
 GB = 2 ** 30
 
@@ -25,16 +23,16 @@ def dataset(formatted, tmp_path):
 
 def both_paths(path, image_size=32, batch_size=20):
     "(in-memory, file) DataLoaders of the same dataset with the same settings."
-    return (TTLR50.pap_dls(path, image_size, batch_size, workers=0),
-            TTLR50.pap_dls(path, image_size, batch_size, workers=0, memory_budget=0))
+    return (data.pap_dls(path, image_size, batch_size, workers=0),
+            data.pap_dls(path, image_size, batch_size, workers=0, memory_budget=0))
 
 
 def test_memory_and_file_paths_give_the_same_validation_batches(dataset):
     memory, files = both_paths(dataset)
-    assert isinstance(memory.train, presized.PresizedDL) and isinstance(memory.valid, presized.PresizedDL)
+    assert isinstance(memory.train, presize.PresizedDL) and isinstance(memory.valid, presize.PresizedDL)
     assert type(files.train) is TfmdDL and type(files.valid) is TfmdDL
     assert list(memory.valid.items) == list(files.valid.items) and list(memory.vocab) == list(files.vocab)
-    for dl_memory, dl_files in zip(memory.loaders, files.loaders):
+    for dl_memory, dl_files in zip(memory.loaders, files.loaders, strict=True):
         assert len(dl_memory) == len(dl_files) and dl_memory.bs == dl_files.bs
     (x_memory, y_memory), (x_files, y_files) = memory.valid.one_batch(), files.valid.one_batch()
     assert type(x_memory) is type(x_files) and x_memory.dtype == x_files.dtype == torch.float32
@@ -55,7 +53,7 @@ def cached_pixels(dataset, item, side):
 def test_batches_are_windows_of_the_presized_images_centred_for_validation(dataset):
     memory, _ = both_paths(dataset, image_size=40)
     store = memory.valid.store
-    crops = presized.crop_batch(store, presized.store_index(store, range(len(memory.valid_ds))), 40,
+    crops = presize.crop_batch(store, presize.store_index(store, range(len(memory.valid_ds))), 40,
                                  random_position=False)
     for i, item in enumerate(memory.valid.items):
         image = cached_pixels(dataset, item, 40)
@@ -64,7 +62,7 @@ def test_batches_are_windows_of_the_presized_images_centred_for_validation(datas
         assert np.array_equal(crops[i].permute(1, 2, 0).numpy(), image[top:top + 40, left:left + 40])
     torch.manual_seed(0)
     store = memory.train.store
-    crops = presized.crop_batch(store, presized.store_index(store, range(len(memory.train_ds))), 40,
+    crops = presize.crop_batch(store, presize.store_index(store, range(len(memory.train_ds))), 40,
                                 random_position=True)
     offsets = []
     for i, item in enumerate(memory.train.items):
@@ -80,8 +78,8 @@ def test_same_weights_give_the_same_validation_predictions_on_both_paths(trained
     path, result = trained
     predictions = []
     for dls in both_paths(path, image_size=IMAGE_SIZE, batch_size=16):
-        learn = TTLR50.pap_learner(dls, path=path)
-        TTLR50.load_weights(learn, result["weights"])
+        learn = learner.pap_learner(dls, path=path)
+        learner.load_weights(learn, result["weights"])
         with learn.no_bar():
             predictions.append(learn.get_preds(dl=dls.valid)[0])
     memory, files = predictions
@@ -92,7 +90,7 @@ def test_same_weights_give_the_same_validation_predictions_on_both_paths(trained
 
 def test_a_model_trained_in_memory_exports_an_ordinary_file_learner(trained):
     path, result = trained
-    assert isinstance(result["learner"].dls.train, presized.PresizedDL)  # the fixture trained in memory
+    assert isinstance(result["learner"].dls.train, presize.PresizedDL)  # the fixture trained in memory
     assert b"presized" not in result["export"].read_bytes()  # the export holds no reference to this module
     learn = load_learner(result["export"])
     assert type(learn.dls.train) is TfmdDL and type(learn.dls.valid) is TfmdDL
@@ -111,43 +109,43 @@ def test_a_model_trained_in_memory_exports_an_ordinary_file_learner(trained):
     (40 * GB, None, "cuda", 80 * GB, 64 * GB, None),       # over half the free RAM too: files
 ])
 def test_memory_placement_follows_the_budget(nbytes, budget, device, gpu, ram, expected):
-    assert presized.memory_placement(nbytes, budget, device, gpu_memory=gpu, ram=ram) == expected
+    assert presize.memory_placement(nbytes, budget, device, gpu_memory=gpu, ram=ram) == expected
 
 
 def test_over_the_budget_or_turned_off_training_reads_the_files(dataset, capsys):
-    files = presized.split_images(dataset)
-    need = presized.presized_bytes(files, 32)
-    assert need == sum(3 * w * h for w, h in (presized.presized_shape(*Image.open(f).size, 32) for f in files))
-    assert presized.presized_placement(files, 32, need / GB, "cpu") == "cpu"
+    files = presize.split_images(dataset)
+    need = presize.presized_bytes(files, 32)
+    assert need == sum(3 * w * h for w, h in (presize.presized_shape(*Image.open(f).size, 32) for f in files))
+    assert presize.presized_placement(files, 32, need / GB, "cpu") == "cpu"
     for budget in (0.99 * need / GB, 0):
-        assert presized.presized_placement(files, 32, budget, "cpu") is None
-        dls = TTLR50.pap_dls(dataset, 32, 20, workers=0, memory_budget=budget)
+        assert presize.presized_placement(files, 32, budget, "cpu") is None
+        dls = data.pap_dls(dataset, 32, 20, workers=0, memory_budget=budget)
         assert type(dls.train) is TfmdDL and "decoded from their files every epoch" in capsys.readouterr().out
     assert not list((dataset / "cache").glob("*px"))  # nothing presized when nothing is held
-    dls = TTLR50.pap_dls(dataset, 32, 20, workers=0, memory_budget=need / GB)
+    dls = data.pap_dls(dataset, 32, 20, workers=0, memory_budget=need / GB)
     held = sum(dl.store["pixels"].numel() for dl in dls.loaders)
     assert held == need and "held in memory (0.000 GB in RAM)" in capsys.readouterr().out
-    with pytest.raises(TTLR50.UserError, match="memory_budget"):
-        TTLR50.pap_dls(dataset, 32, 20, workers=0, memory_budget=-1)
+    with pytest.raises(papfiles.UserError, match="memory_budget"):
+        data.pap_dls(dataset, 32, 20, workers=0, memory_budget=-1)
 
 
 def test_the_cache_is_the_same_built_by_one_thread_or_many(dataset):
-    one = presized.build_cache(dataset, 36, progress=False, workers=1)
+    one = presize.build_cache(dataset, 36, progress=False, workers=1)
     built_by_one = tree_digest(one)
     shutil.rmtree(dataset / "cache")
-    many = presized.build_cache(dataset, 36, progress=False, workers=4)
+    many = presize.build_cache(dataset, 36, progress=False, workers=4)
     assert tree_digest(many) == built_by_one and len(built_by_one) == 82  # 80 images, manifest, lock
 
 
 def test_batched_prediction_is_independent_of_the_batch_size(trained):
     path, result = trained
-    learn, _ = inference.load_classifier(result["export"], [])
+    learn, _ = predict.load_classifier(result["export"], [])
     files = sorted((path / "test").rglob("*.*"))
-    by_batch = {bs: inference.predict_files(learn, files, bs) for bs in (16, 64)}
+    by_batch = {bs: predict.predict_files(learn, files, bs) for bs in (16, 64)}
     assert np.array_equal(by_batch[16].argmax(1), by_batch[64].argmax(1))
     assert np.allclose(by_batch[16], by_batch[64], atol=1e-5)
-    dl = TTLR50.prediction_dl(learn, files, 16)
-    assert isinstance(dl, presized.ParallelDecodeDL) and dl.decoders == TTLR50.available_cpus()
+    dl = predict.prediction_dl(learn, files, 16)
+    assert isinstance(dl, presize.ParallelDecodeDL) and dl.decoders == papfiles.available_cpus()
     with learn.no_bar():
         serial = learn.get_preds(dl=learn.dls.test_dl(files, bs=16, num_workers=0))[0].numpy()
     assert np.allclose(by_batch[16], serial, atol=1e-5)  # the same item pipeline, only decoded in parallel

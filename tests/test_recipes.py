@@ -10,10 +10,9 @@ from fastai.callback.mixup import MixUp
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
 
-import implementation_DatasetDivision as division
-import R50
-import TTLR50
 from conftest import ROOT, run_script
+from papsmear import data, division, learner
+from papsmear import files as papfiles
 
 # split.csv of the demo raw data (seed 3) as divided before cropped cells were grouped: these divisions
 # must stay the original's rule, byte for byte.
@@ -76,18 +75,18 @@ def test_division_help_answers_without_importing_torch():
 
 
 def test_recipes_name_their_ingredients():
-    assert TTLR50.recipe_settings("original") == dict(TTLR50.RECIPES["original"])
-    without_mixup = TTLR50.recipe_settings("modern-mixup")
-    assert without_mixup["mixup"] == 0 and without_mixup["label_smoothing"] == TTLR50.RECIPES["modern"]["label_smoothing"]
+    assert data.recipe_settings("original") == dict(data.RECIPES["original"])
+    without_mixup = data.recipe_settings("modern-mixup")
+    assert without_mixup["mixup"] == 0 and without_mixup["label_smoothing"] == data.RECIPES["modern"]["label_smoothing"]
     for wrong in ("fancy", "original-mixup", "modern-nothing"):
-        with pytest.raises(TTLR50.UserError, match="is unknown"):
-            TTLR50.recipe_settings(wrong)
-    augment = {r: {f.func.__name__: f.keywords for f in TTLR50.pap_transforms(64, r)[1][0].aff_fs}
+        with pytest.raises(papfiles.UserError, match="is unknown"):
+            data.recipe_settings(wrong)
+    augment = {r: {f.func.__name__: f.keywords for f in data.pap_transforms(64, r)[1][0].aff_fs}
                for r in ("original", "modern")}
     assert augment["original"]["zoom_mat"]["max_zoom"] == 1.1 and augment["original"]["rotate_mat"]["max_deg"] == 10
     assert "flip_mat" in augment["original"] and "dihedral_mat" in augment["modern"]  # vertical flips too
-    assert augment["modern"]["zoom_mat"]["max_zoom"] == TTLR50.RECIPES["modern"]["max_zoom"]
-    assert augment["modern"]["rotate_mat"]["max_deg"] == TTLR50.RECIPES["modern"]["max_rotate"]
+    assert augment["modern"]["zoom_mat"]["max_zoom"] == data.RECIPES["modern"]["max_zoom"]
+    assert augment["modern"]["rotate_mat"]["max_deg"] == data.RECIPES["modern"]["max_rotate"]
 
 
 def test_modern_recipe_trains_with_its_loss_schedule_and_mixup(formatted, tmp_path, monkeypatch):
@@ -101,17 +100,17 @@ def test_modern_recipe_trains_with_its_loss_schedule_and_mixup(formatted, tmp_pa
     monkeypatch.setattr(Learner, "fit_flat_cos", spy)
     path = tmp_path / "herlev"
     shutil.copytree(formatted / "herlev", path)
-    result = R50.train_r50(path, save_loc="modern", epochs=2, batch_size=8, image_size=32, pretrained=False,
+    result = learner.train_r50(path, save_loc="modern", epochs=2, batch_size=8, image_size=32, pretrained=False,
                            workers=0, recipe="modern")
     learn = result["learner"]
     assert isinstance(learn.loss_func, LabelSmoothingCrossEntropyFlat) and learn.loss_func.eps == 0.1
-    assert learn.wd == TTLR50.RECIPES["modern"]["wd"]
+    assert learn.wd == data.RECIPES["modern"]["wd"]
     (epochs, lr, cbs), = fits
-    assert epochs == 2 and lr == TTLR50.RECIPES["modern"]["lr"]
-    alpha = TTLR50.RECIPES["modern"]["mixup"]
+    assert epochs == 2 and lr == data.RECIPES["modern"]["lr"]
+    alpha = data.RECIPES["modern"]["mixup"]
     assert [float(cb.distrib.concentration1) for cb in cbs if isinstance(cb, MixUp)] == [pytest.approx(alpha)]
     assert len(pd.read_csv(path / "models" / "modern_log.csv")) == 2
-    original = R50.train_r50(path, save_loc="plain", epochs=1, batch_size=8, image_size=32, pretrained=False,
+    original = learner.train_r50(path, save_loc="plain", epochs=1, batch_size=8, image_size=32, pretrained=False,
                              workers=0)["learner"]
     assert isinstance(original.loss_func, CrossEntropyLossFlat) and len(fits) == 1  # one-cycle, no MixUp
 

@@ -15,21 +15,20 @@ import pytest
 import torch
 from PIL import Image
 
-import implementation_DataAugmentation_Extension as extension
-import implementation_DatasetDivision as division
-import Inference_FastAI as inference
-import papfiles
-import R50
-import R50Herlev
 import synthetic_papsmear as demo
 import TTLR50
 from conftest import IMAGE_SIZE, ROOT, run_in, tree_digest
+from papsmear import augment as extension
+from papsmear import data, division, learner
+from papsmear import files as papfiles
+from papsmear import report as reporting
 
 
-def one_line_error(capsys, main, code=2, **kwargs):
-    "Run a script's main in-process; assert exit `code` and a one-line `error:`; return that line."
-    with pytest.raises(SystemExit) as exit_info:
-        main(**kwargs)
+def one_line_error(capsys, step, code=2, **kwargs):
+    """Run a step of the procedure in-process as its script does (errors turned into messages by
+    `user_errors`); assert exit `code` and a one-line `error:`; return that line."""
+    with pytest.raises(SystemExit) as exit_info, papfiles.user_errors():
+        step(**kwargs)
     err = capsys.readouterr().err
     assert exit_info.value.code == code, err
     # Only a progress bar (carriage-return lines) may come before the error line.
@@ -126,12 +125,12 @@ def test_force_never_deletes_the_raw_dataset_or_files_found_nowhere_else(tmp_pat
     out = tmp_path / "out"
     raw = placeholder_raw(out / "train", {"A": 4})  # the raw images were unzipped into output_dir/train
     before = tree_digest(out)
-    err = one_line_error(capsys, division.main, path_dir=raw, output_dir=out, force=True)
+    err = one_line_error(capsys, division.divide_dataset, path_dir=raw, output_dir=out, force=True)
     assert "lies inside" in err and tree_digest(out) == before
     other = placeholder_raw(tmp_path / "raw", {"A": 4})
     (out / "val" / "A").mkdir(parents=True)
     (out / "val" / "A" / "only-copy.bmp").write_bytes(b"precious")
-    err = one_line_error(capsys, division.main, path_dir=other, output_dir=out, force=True)
+    err = one_line_error(capsys, division.divide_dataset, path_dir=other, output_dir=out, force=True)
     assert "not copies of path_dir's images" in err and "never deletes" in err
     assert (out / "val" / "A" / "only-copy.bmp").read_bytes() == b"precious"
 
@@ -187,7 +186,7 @@ def test_two_sources_that_would_write_the_same_outputs_are_refused(tmp_path, cap
     folder.mkdir(parents=True)
     for suffix in (".bmp", ".png"):
         Image.new("RGB", (20, 20), "white").save(folder / f"a{suffix}")
-    err = one_line_error(capsys, extension.main, target_directory=tmp_path / "cells", output_format="jpg",
+    err = one_line_error(capsys, extension.extend_dataset, target_directory=tmp_path / "cells", output_format="jpg",
                          workers=1)
     assert "a.bmp and a.png" in err and "a_augNN.jpg" in err
     assert sorted(p.name for p in folder.iterdir()) == ["a.bmp", "a.png"]
@@ -202,12 +201,11 @@ def test_elongated_images_are_augmented_and_16_bit_or_float_ones_skipped_by_name
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (10, 2000, 3), np.uint8)).save(folder / "strip.png")
     Image.fromarray(np.full((30, 30), 40000, np.uint16)).save(folder / "deep.png")  # 16-bit grey
     Image.fromarray(np.full((30, 30), 0.5, np.float32)).save(folder / "float.tif")
-    with pytest.raises(SystemExit) as exit_info:
-        extension.main(target_directory=tmp_path / "cells", seed=0, workers=1)
-    out = capsys.readouterr().out
-    assert exit_info.value.code == 1
-    assert "skipped image A/deep.png: ValueError: a 16-bit image (PIL mode I;16)" in out
-    assert "skipped image A/float.tif: ValueError: a float image (PIL mode F)" in out
+    summary = extension.extend_dataset(tmp_path / "cells", seed=0, workers=1, progress=False)
+    errors = "\n".join(summary["errors"])
+    assert summary["skipped"] == 2
+    assert "A/deep.png: ValueError: a 16-bit image (PIL mode I;16)" in errors
+    assert "A/float.tif: ValueError: a float image (PIL mode F)" in errors
     for name, shape in (("fine", (20, 20)), ("thin", (3000, 1)), ("strip", (2000, 10))):
         outputs = sorted(folder.glob(f"{name}_aug*.png"))
         assert len(outputs) == 14 and all(Image.open(p).size == shape for p in outputs)
@@ -224,7 +222,7 @@ def test_the_export_is_replaced_in_one_step(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        TTLR50.export_atomically(DiesWhileExporting(), target)
+        learner.export_atomically(DiesWhileExporting(), target)
     assert target.read_bytes() == b"the previous export" and os.listdir(tmp_path) == ["model.pkl"]
 
 
@@ -232,17 +230,17 @@ def test_the_export_is_replaced_in_one_step(tmp_path):
 
 def test_unusable_output_folders_are_one_line_errors(raw_data, trained, formatted, tmp_path, capsys):
     (tmp_path / "a file").write_text("")
-    err = one_line_error(capsys, division.main, path_dir=raw_data / "herlev", output_dir=tmp_path / "a file")
+    err = one_line_error(capsys, division.divide_dataset, path_dir=raw_data / "herlev", output_dir=tmp_path / "a file")
     assert "a file stands where a folder is needed" in err
     locked = tmp_path / "locked"
     locked.mkdir()
     with read_only(locked):
-        err = one_line_error(capsys, division.main, path_dir=raw_data / "herlev", output_dir=locked / "out")
+        err = one_line_error(capsys, division.divide_dataset, path_dir=raw_data / "herlev", output_dir=locked / "out")
         assert f"cannot use {locked / 'out'}" in err
-        err = one_line_error(capsys, extension.main, target_directory=formatted / "herlev",
-                             output_directory=locked / "copy", workers=1)
+        err = one_line_error(capsys, extension.copy_dataset, source=formatted / "herlev",
+                             destination=locked / "copy")
         assert f"cannot use {locked / 'copy'}" in err
-        err = one_line_error(capsys, inference.main, model_path=trained[0] / "models" / "tiny.pkl",
+        err = one_line_error(capsys, reporting.evaluate_folder, model_path=trained[0] / "models" / "tiny.pkl",
                              test_dataset_path=formatted / "sipakmed" / "test", output_dir=locked / "report")
         assert f"cannot use {locked / 'report'}" in err
 
@@ -262,7 +260,7 @@ def test_unusable_output_folders_are_one_line_errors(raw_data, trained, formatte
 def test_r50_refuses_nonsense_options_before_training(formatted, tmp_path, capsys, option, value, message):
     path = shutil.copytree(formatted / "herlev", tmp_path / "herlev")
     options = dict(path_folder=path, epochs=1, image_size=IMAGE_SIZE, pretrained=False, workers=0)
-    err = one_line_error(capsys, R50.main, **{**options, option: value})
+    err = one_line_error(capsys, learner.train_r50, **{**options, option: value})
     assert message in err
     assert not list((path / "models").iterdir()) and not list(tmp_path.glob("x*"))
 
@@ -270,9 +268,9 @@ def test_r50_refuses_nonsense_options_before_training(formatted, tmp_path, capsy
 def test_r50herlev_refuses_nonsense_epochs_and_exports_as_checkpoints(trained, formatted, capsys):
     options = dict(previous_model_DA=trained[0] / "models" / "tiny.pth", herlev_path=formatted / "herlev",
                    sipakmed_path=formatted / "sipakmed", image_size=IMAGE_SIZE, workers=0)
-    err = one_line_error(capsys, R50Herlev.main, **{**options, "herlev_epochs": 0})
+    err = one_line_error(capsys, TTLR50.triple_transfer, **{**options, "herlev_epochs": 0})
     assert "herlev_epochs is 0; it must be greater than 0" in err
-    err = one_line_error(capsys, R50Herlev.main, **{**options, "previous_model_DA": trained[1]["export"]})
+    err = one_line_error(capsys, TTLR50.triple_transfer, **{**options, "previous_model_DA": trained[1]["export"]})
     assert "is a fastai export (.pkl); give the weights file (.pth)" in err
     assert not (formatted / "herlev" / "models" / "resnet50_ttl_herlev.pth").exists()
 
@@ -285,8 +283,8 @@ def test_wrong_weight_files_are_named_in_one_line(formatted, trained, tmp_path, 
     for model_path, message in [(trained[1]["export"], "is a fastai export (.pkl)"),
                                 (tmp_path / "random.pth", "cannot read weights"),
                                 (tmp_path / "tensor.pth", "is not a model checkpoint")]:
-        assert message in one_line_error(capsys, R50.main, model_path=model_path, **options)
-    err = one_line_error(capsys, R50.main, pretrained_weights=tmp_path / "random.pth", **options)
+        assert message in one_line_error(capsys, learner.train_r50, model_path=model_path, **options)
+    err = one_line_error(capsys, learner.train_r50, pretrained_weights=tmp_path / "random.pth", **options)
     assert "is not a torchvision ResNet50 state dict" in err
 
 
@@ -305,8 +303,8 @@ def test_inference_refuses_broken_weights_and_class_lists(trained, formatted, tm
         (tmp_path / "tiny.json").write_text(json.dumps({"image_size": 48}))
     else:
         Path(weights).write_bytes(b"not a checkpoint")
-    err = one_line_error(capsys, inference.main, model_path=weights, test_dataset_path=formatted / "sipakmed" / "test",
-                         output_dir=tmp_path / "report")
+    err = one_line_error(capsys, reporting.evaluate_folder, model_path=weights,
+                         test_dataset_path=formatted / "sipakmed" / "test", output_dir=tmp_path / "report")
     assert message in err
 
 
@@ -314,23 +312,23 @@ def test_data_that_cannot_train_is_refused_with_the_reason(formatted, tmp_path, 
     path = shutil.copytree(formatted / "herlev", tmp_path / "herlev")
     options = dict(path_folder=path, epochs=1, batch_size=4, image_size=32, pretrained=False, workers=0)
     shutil.move(path / "train" / "normal_columnar", tmp_path / "aside")
-    err = one_line_error(capsys, R50.main, **options)
+    err = one_line_error(capsys, learner.train_r50, **options)
     assert "val has class(es) normal_columnar with no image in" in err
     shutil.move(tmp_path / "aside", path / "train" / "normal_columnar")
     broken = sorted((path / "train" / "normal_columnar").iterdir())[0]
     broken.write_bytes(broken.read_bytes()[:200])  # truncated
-    err = one_line_error(capsys, R50.main, **options)  # found while presizing, before training
+    err = one_line_error(capsys, learner.train_r50, **options)  # found while presizing, before training
     assert f"cannot read image {broken} (" in err and "remove or replace" in err
-    err = one_line_error(capsys, R50.main, **options, memory_budget=0)  # found when training stops on it
+    err = one_line_error(capsys, learner.train_r50, **options, memory_budget=0)  # found when training stops on it
     assert f"e.g. {broken} (" in err and "remove or replace" in err
     broken.write_bytes(b"not an image")
-    err = one_line_error(capsys, R50.main, **options)  # found while measuring the presized images
+    err = one_line_error(capsys, learner.train_r50, **options)  # found while measuring the presized images
     assert f"cannot read image {broken} (UnidentifiedImageError" in err
 
 
 def test_export_path_in_a_new_folder_is_created(formatted, tmp_path):
     path = shutil.copytree(formatted / "herlev", tmp_path / "herlev")
-    result = R50.train_r50(path, save_loc="x", export_path=tmp_path / "new" / "folder" / "x.pkl", epochs=1,
+    result = learner.train_r50(path, save_loc="x", export_path=tmp_path / "new" / "folder" / "x.pkl", epochs=1,
                            batch_size=8, image_size=32, pretrained=False, workers=0)
     assert result["export"] == tmp_path / "new" / "folder" / "x.pkl" and result["export"].stat().st_size > 1000
 
@@ -341,7 +339,7 @@ def test_output_inside_the_raw_dataset_is_refused_however_it_is_spelled(tmp_path
     raw = placeholder_raw(tmp_path / "raw", {"A": 4})
     (tmp_path / "link").symlink_to(raw)
     for output_dir in (tmp_path / "elsewhere" / ".." / "raw" / "out", tmp_path / "link" / "out"):
-        err = one_line_error(capsys, division.main, path_dir=raw, output_dir=output_dir)
+        err = one_line_error(capsys, division.divide_dataset, path_dir=raw, output_dir=output_dir)
         assert "is inside path_dir" in err
     assert tree_digest(raw) == tree_digest(placeholder_raw(tmp_path / "again", {"A": 4}))
     monkeypatch.chdir(raw)
@@ -354,7 +352,7 @@ def test_an_empty_class_folder_does_not_count_as_a_class(formatted, tmp_path, ca
     for split in ("train", "val", "test"):
         for image in (path / split / "normal_columnar").iterdir():
             image.unlink()
-    err = one_line_error(capsys, R50Herlev.main, previous_model_DA=tmp_path / "x.pth", herlev_path=path,
+    err = one_line_error(capsys, TTLR50.triple_transfer, previous_model_DA=tmp_path / "x.pth", herlev_path=path,
                          sipakmed_path=formatted / "sipakmed")
     assert "has 6 classes with images" in err and "but 7 were expected" in err
 
@@ -362,7 +360,7 @@ def test_an_empty_class_folder_does_not_count_as_a_class(formatted, tmp_path, ca
 def test_images_are_never_left_out_silently(raw_data, trained, formatted, tmp_path, capsys):
     raw = placeholder_raw(tmp_path / "raw", {"Parabasal": 4})
     shutil.copytree(raw / "im_Parabasal" / "im_Parabasal", raw / "Parabasal")
-    err = one_line_error(capsys, division.main, path_dir=raw, output_dir=tmp_path / "out")
+    err = one_line_error(capsys, division.divide_dataset, path_dir=raw, output_dir=tmp_path / "out")
     assert "Parabasal and im_Parabasal" in err and "both class Parabasal" in err
     # a class folder that is a link is augmented like the others
     cells = tmp_path / "cells"
@@ -375,9 +373,9 @@ def test_images_are_never_left_out_silently(raw_data, trained, formatted, tmp_pa
     # loose images beside class folders are named in the inference report
     test = shutil.copytree(formatted / "sipakmed" / "test", tmp_path / "test")
     shutil.copy(next((test / "Parabasal").iterdir()), test / "loose.bmp")
-    inference.main(model_path=trained[0] / "models" / "tiny.pkl", test_dataset_path=test,
-                   output_dir=tmp_path / "report")
-    assert "left out 1 image(s) lying beside the class folders" in capsys.readouterr().out
+    result = run_in(tmp_path, "Inference_FastAI.py", "--model-path", trained[0] / "models" / "tiny.pkl",
+                    "--test-dataset-path", test, "--output-dir", tmp_path / "report", "--gradcam", 0)
+    assert "left out 1 image(s) lying beside the class folders" in result.stdout
     assert json.loads((tmp_path / "report" / "metrics.json").read_text())["left_out"] == [str(test / "loose.bmp")]
 
 
@@ -394,10 +392,10 @@ def test_a_silent_network_times_out_with_the_offline_message(formatted, tmp_path
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", download_from_silent_server)
-    monkeypatch.setattr(TTLR50, "DOWNLOAD_TIMEOUT", 1)
-    dls = TTLR50.pap_dls(formatted / "sipakmed", IMAGE_SIZE, workers=0)
-    with pytest.raises(TTLR50.UserError, match="cannot download the ImageNet ResNet50 weights"):
-        TTLR50.pap_learner(dls, pretrained=True)
+    monkeypatch.setattr(learner, "DOWNLOAD_TIMEOUT", 1)
+    dls = data.pap_dls(formatted / "sipakmed", IMAGE_SIZE, workers=0)
+    with pytest.raises(papfiles.UserError, match="cannot download the ImageNet ResNet50 weights"):
+        learner.pap_learner(dls, pretrained=True)
     server.close()
     assert accepted and socket.getdefaulttimeout() is None
 

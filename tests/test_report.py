@@ -15,10 +15,9 @@ from PIL import Image
 from sklearn.metrics import accuracy_score, roc_auc_score
 from torch import nn
 
-import Inference_FastAI as inference
-import papreport
-import TTLR50
 from conftest import IMAGE_SIZE, run_script
+from papsmear import data, leaks
+from papsmear import report as reporting
 
 CLASSES = ["Dyskeratotic", "Koilocytotic", "Metaplastic", "Parabasal", "Superficial-Intermediate"]
 
@@ -90,15 +89,16 @@ def test_abnormal_vs_normal_counts_dyskeratotic_and_koilocytotic_as_abnormal(rep
     assert screen["true_positive"] == (actual & called).sum() and screen["false_negative"] == (actual & ~called).sum()
     assert screen["sensitivity"] == pytest.approx((actual & called).sum() / actual.sum())
     assert screen["specificity"] == pytest.approx((~actual & ~called).sum() / (~actual).sum())
-    assert papreport.abnormal_vs_normal([0, 1], np.eye(2), ["a", "b"]) is None  # not SIPaKMeD: no grouping
+    assert reporting.abnormal_vs_normal([0, 1], np.eye(2), ["a", "b"]) is None  # not SIPaKMeD: no grouping
 
 
 def test_gradcam_maps_have_the_input_size_and_answer_the_class_asked(trained, formatted):
     learn = load_learner(trained[0] / "models" / "tiny.pkl")
     files = sorted((formatted / "sipakmed" / "test" / "Parabasal").iterdir())[:2]
-    maps_a, images = papreport.gradcam_maps(learn, files, [0, 0])
-    maps_b, _ = papreport.gradcam_maps(learn, files, [3, 3])
-    assert maps_a.shape == maps_b.shape == (2, IMAGE_SIZE, IMAGE_SIZE) and images.shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3)
+    maps_a, images = reporting.gradcam_maps(learn, files, [0, 0])
+    maps_b, _ = reporting.gradcam_maps(learn, files, [3, 3])
+    assert maps_a.shape == maps_b.shape == (2, IMAGE_SIZE, IMAGE_SIZE)
+    assert images.shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3)
     assert np.isfinite(maps_a).all() and maps_a.min() >= 0 and maps_a.max() <= 1
     assert not np.allclose(maps_a, maps_b)  # another class, another map
 
@@ -118,7 +118,7 @@ def test_report_is_one_self_contained_page(reported):
     links = [value for _, attrs in parts.tags for key, value in attrs.items() if key in ("src", "href")]
     assert all(link.startswith("data:") for link in links)
     assert not [tag for tag, _ in parts.tags if tag in ("script", "link", "iframe")]
-    for needle in (papreport.file_sha256(metrics["model_path"]), ", ".join(CLASSES), "Grad-CAM",
+    for needle in (leaks.file_sha256(metrics["model_path"]), ", ".join(CLASSES), "Grad-CAM",
                    f"{100 * metrics['plain']['accuracy']:.1f}%", "abnormal against the rest", "row-normalised"):
         assert needle in html
     misclassified = (table["true_class"] != table["predicted_class"]).sum()
@@ -147,7 +147,7 @@ def test_no_labels_and_a_missing_class_are_reported_not_errors(trained, formatte
 
 
 def test_a_model_without_a_convolutional_body_skips_gradcam_in_one_line(formatted, tmp_path):
-    dls = TTLR50.pap_dls(formatted / "sipakmed", IMAGE_SIZE, workers=0)
+    dls = data.pap_dls(formatted / "sipakmed", IMAGE_SIZE, workers=0)
     learn = Learner(dls, nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 5)),
                     loss_func=CrossEntropyLossFlat())
     learn.export(tmp_path / "pooled.pkl")

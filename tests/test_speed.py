@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-import TTLR50
 from conftest import ROOT, tree_digest
+from papsmear import data, learner, presize
 
 
 @pytest.fixture
@@ -29,24 +29,24 @@ def sources(dataset):
 
 def test_cache_is_built_once_resized_and_reused(dataset):
     before = sources(dataset)
-    root = TTLR50.build_cache(dataset, 40, progress=False)
+    root = presize.build_cache(dataset, 40, progress=False)
     assert root == dataset / "cache" / "40px"
     built = cache_files(root)
     assert sorted(built) == sorted(f"{k}.png" for k in before if not k.startswith("test/"))
     with Image.open(root / "train" / "Parabasal" / next(iter(os.listdir(root / "train" / "Parabasal")))) as image:
         assert min(image.size) == 40 and image.size == (53, 40)  # 160x120 keeps its 4:3 shape
-    assert TTLR50.build_cache(dataset, 40, progress=False) == root
+    assert presize.build_cache(dataset, 40, progress=False) == root
     assert cache_files(root) == built
     assert sources(dataset) == before  # the source images are only read
 
 
 def test_a_changed_source_is_redone_and_a_removed_one_dropped(dataset):
-    root = TTLR50.build_cache(dataset, 40, progress=False)
+    root = presize.build_cache(dataset, 40, progress=False)
     built = cache_files(root)
     changed, removed = sorted((dataset / "train" / "Parabasal").iterdir())[:2]
     Image.new("RGB", (160, 120), (255, 0, 0)).save(changed)
     removed.unlink()
-    TTLR50.build_cache(dataset, 40, progress=False)
+    presize.build_cache(dataset, 40, progress=False)
     now = cache_files(root)
     key = f"train/Parabasal/{changed.name}.png"
     assert now[key] != built[key]
@@ -59,7 +59,8 @@ def test_a_changed_source_is_redone_and_a_removed_one_dropped(dataset):
 
 
 def test_two_runs_building_at_once_leave_one_complete_cache(dataset):
-    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import TTLR50; TTLR50.build_cache({str(dataset)!r}, 36)"
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from papsmear import presize; "
+            f"presize.build_cache({str(dataset)!r}, 36)")
     runs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL) for _ in range(2)]
     assert [run.wait() for run in runs] == [0, 0]
     root = dataset / "cache" / "36px"
@@ -73,11 +74,11 @@ def test_two_runs_building_at_once_leave_one_complete_cache(dataset):
 def test_cache_and_plain_path_give_the_same_validation_batch(dataset):
     batches = {}
     for cache_size in (None, 37):
-        dls = TTLR50.pap_dls(dataset, image_size=32, batch_size=20, workers=0, cache_size=cache_size,
+        dls = data.pap_dls(dataset, image_size=32, batch_size=20, workers=0, cache_size=cache_size,
                              memory_budget=0)
         images, labels = dls.valid.one_batch()
         names = [f"{p.parent.name}/{p.name.removesuffix('.png')}" for p in dls.valid.items]
-        batches[cache_size] = {n: (x, y) for n, x, y in zip(names, images, labels)}
+        batches[cache_size] = {n: (x, y) for n, x, y in zip(names, images, labels, strict=True)}
     assert batches[None].keys() == batches[37].keys() and len(batches[None]) == 20
     for name, (plain, label) in batches[None].items():
         cached, cached_label = batches[37][name]
@@ -96,14 +97,14 @@ def test_cache_and_plain_path_give_the_same_validation_batch(dataset):
                               persistent_workers=True)),
 ])
 def test_mixed_precision_and_channels_last_only_on_cuda(device, bf16, workers, expected):
-    assert TTLR50.speed_settings(device, bf16, workers) == expected
+    assert data.speed_settings(device, bf16, workers) == expected
 
 
 def test_this_machine_trains_in_float32_without_amp_callbacks(formatted):
-    dls = TTLR50.pap_dls(formatted / "sipakmed", image_size=32, workers=0)
-    learn = TTLR50.pap_learner(dls)
+    dls = data.pap_dls(formatted / "sipakmed", image_size=32, workers=0)
+    learn = learner.pap_learner(dls)
     if torch.cuda.is_available():
         assert hasattr(learn, "mixed_precision") and hasattr(learn, "channels_last")
     else:
         assert not hasattr(learn, "mixed_precision") and not hasattr(learn, "channels_last")
-        assert TTLR50.current_speed_settings()["workers"] == 0
+        assert data.current_speed_settings()["workers"] == 0

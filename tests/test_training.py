@@ -8,15 +8,15 @@ import pytest
 import torch
 from fastai.learner import load_learner
 
-import R50
-import R50Herlev
 import TTLR50
 from conftest import IMAGE_SIZE, run_script
+from papsmear import data, learner
+from papsmear import files as papfiles
 
 
 def tiny_learner(path, batch_size=10, **kwargs):
     "A random-init learner on a formatted demo dataset, loading in the main process."
-    return TTLR50.pap_learner(TTLR50.pap_dls(path, IMAGE_SIZE, batch_size, workers=0), path=path, **kwargs)
+    return learner.pap_learner(data.pap_dls(path, IMAGE_SIZE, batch_size, workers=0), path=path, **kwargs)
 
 
 def body_state(learn):
@@ -56,7 +56,7 @@ def test_export_loads_and_predicts_class_names(trained, formatted):
 def test_resuming_from_model_path_starts_from_the_saved_weights(trained):
     path, _ = trained
     learn = tiny_learner(path)
-    TTLR50.load_weights(learn, path / "models" / "tiny.pth")
+    learner.load_weights(learn, path / "models" / "tiny.pth")
     saved = torch.load(path / "models" / "tiny.pth", weights_only=True)
     state = learn.model.state_dict()
     assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in saved)
@@ -86,8 +86,8 @@ def test_a_7_class_checkpoint_loads_into_a_5_class_learner_through_the_helper(fo
     sipakmed = tiny_learner(formatted / "sipakmed")
     expected = herlev.model[0].state_dict()
     assert not any(torch.equal(expected[k], v) for k, v in sipakmed.model[0].state_dict().items())
-    with pytest.raises(TTLR50.UserError, match="has a 7-class head but the data has 5 classes"):
-        TTLR50.load_weights(sipakmed, tmp_path / "herlev7.pth")
+    with pytest.raises(papfiles.UserError, match="has a 7-class head but the data has 5 classes"):
+        learner.load_weights(sipakmed, tmp_path / "herlev7.pth")
     TTLR50.load_weights_across_heads(sipakmed, tmp_path / "herlev7.pth")
     assert sipakmed.model[1][-1].out_features == 5
     assert all(torch.equal(expected[k], v) for k, v in sipakmed.model[0].state_dict().items())
@@ -127,7 +127,7 @@ def test_r50_refuses_a_model_path_with_another_head_from_the_command_line(traine
 def test_triple_transfer_learning_ends_with_a_5_class_model(trained, formatted, tmp_path):
     for name in ("herlev", "sipakmed"):
         shutil.copytree(formatted / name, tmp_path / name)
-    results = R50Herlev.triple_transfer(trained[0] / "models" / "tiny.pth", tmp_path / "herlev",
+    results = TTLR50.triple_transfer(trained[0] / "models" / "tiny.pth", tmp_path / "herlev",
                                         tmp_path / "sipakmed", herlev_epochs=1, epochs=1, image_size=IMAGE_SIZE,
                                         workers=0)
     herlev_classes = json.loads((tmp_path / "herlev" / "models" / "resnet50_ttl_herlev.json").read_text())
@@ -136,7 +136,7 @@ def test_triple_transfer_learning_ends_with_a_5_class_model(trained, formatted, 
     assert list(final.dls.vocab) == json.loads(results["sipakmed"]["classes"].read_text())["classes"]
     assert final.model[1][-1].out_features == 5
     # Stage 2 alone restarts from the Herlev weights on disk.
-    again = R50Herlev.triple_transfer(None, tmp_path / "herlev", tmp_path / "sipakmed", epochs=1,
+    again = TTLR50.triple_transfer(None, tmp_path / "herlev", tmp_path / "sipakmed", epochs=1,
                                       image_size=IMAGE_SIZE, start_stage=2, save_loc="again", workers=0)
     assert list(again) == ["sipakmed"] and (tmp_path / "sipakmed" / "models" / "again.pth").exists()
 
@@ -157,9 +157,9 @@ def test_offline_pretrained_download_fails_fast_with_the_three_ways_out(formatte
         raise URLError("simulated: no network")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    dls = TTLR50.pap_dls(formatted / "sipakmed", IMAGE_SIZE, workers=0)
-    with pytest.raises(TTLR50.UserError) as error:
-        TTLR50.pap_learner(dls, pretrained=True)
+    dls = data.pap_dls(formatted / "sipakmed", IMAGE_SIZE, workers=0)
+    with pytest.raises(papfiles.UserError) as error:
+        learner.pap_learner(dls, pretrained=True)
     message = str(error.value)
     checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
     assert f"put resnet50-11ad3fa6.pth into {checkpoints}" in message
@@ -174,7 +174,7 @@ def test_local_pretrained_weights_are_loaded_into_the_body(formatted, tmp_path):
     assert torch.equal(learn.model[0][0].weight, reference.conv1.weight)
     assert torch.equal(learn.model[0][7][2].conv3.weight, reference.layer4[2].conv3.weight)
     torch.save(resnet18().state_dict(), tmp_path / "resnet18.pth")
-    with pytest.raises(TTLR50.UserError, match="is not a torchvision ResNet50 state dict"):
+    with pytest.raises(papfiles.UserError, match="is not a torchvision ResNet50 state dict"):
         tiny_learner(formatted / "sipakmed", pretrained=True, pretrained_weights=tmp_path / "resnet18.pth")
 
 
@@ -206,7 +206,7 @@ def test_training_is_deterministic_by_seed(formatted, tmp_path):
     states = []
     for run in ("a", "b"):
         path = shutil.copytree(formatted / "herlev", tmp_path / run)
-        R50.train_r50(path, save_loc="seeded", epochs=1, batch_size=8, image_size=32, pretrained=False, workers=0)
+        learner.train_r50(path, save_loc="seeded", epochs=1, batch_size=8, image_size=32, pretrained=False, workers=0)
         states.append(torch.load(path / "models" / "seeded.pth", weights_only=True))
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

@@ -14,16 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import implementation_DatasetDivision as division
-import Inference_FastAI as inference
-import leakcheck
-import presized
-import R50
-import TTLR50
 from conftest import ROOT, run_in, tree_digest
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import accuracy as accuracy_benchmark  # noqa: E402
+from papsmear import data, division, leaks, learner, presize
+from papsmear import files as papfiles
+from papsmear import report as reporting
 
 
 def sha256s(folder):
@@ -75,12 +72,12 @@ def test_an_augmentation_of_a_test_image_in_train_stops_training(sipakmed_copy, 
     test_image = sorted((sipakmed_copy / "test" / "Metaplastic").iterdir())[0]
     augmented = sipakmed_copy / "train" / "Metaplastic" / f"{test_image.stem}_aug03.jpg"
     Image.open(test_image).convert("RGB").rotate(90).save(augmented)  # other bytes than any image of test/
-    with pytest.raises(TTLR50.UserError, match=r"leak check: 1 Extended DA image\(s\)") as error:
-        TTLR50.pap_dls(sipakmed_copy, 32, 10, workers=0)
+    with pytest.raises(papfiles.UserError, match=r"leak check: 1 Extended DA image\(s\)") as error:
+        data.pap_dls(sipakmed_copy, 32, 10, workers=0)
     assert f"train/Metaplastic/{augmented.name} from test/Metaplastic/{test_image.name}" in str(error.value)
     assert "--force" in str(error.value)
     augmented.rename(sipakmed_copy / "test" / "Metaplastic" / augmented.name)  # beside its source: no leak
-    assert leakcheck.check_leaks(sipakmed_copy, progress=False).startswith("leak check: passed")
+    assert leaks.check_leaks(sipakmed_copy, progress=False).startswith("leak check: passed")
 
 
 def test_cells_of_one_cluster_image_in_two_splits_are_a_warning_counted_by_number(tmp_path):
@@ -88,7 +85,7 @@ def test_cells_of_one_cluster_image_in_two_splits_are_a_warning_counted_by_numbe
                                 ("val", "002_02", 40), ("train", "003_01", 50), ("test", "003_02_aug01", 60)]:
         (tmp_path / split / "Parabasal").mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (8, 8), (colour, 0, 0)).save(tmp_path / split / "Parabasal" / f"{name}.png")
-    line = leakcheck.check_leaks(tmp_path, progress=False)
+    line = leaks.check_leaks(tmp_path, progress=False)
     assert line.startswith("leak check: passed (6 images in train/val/test, ")
     # 001_01 and 1_02 come from cluster image 1; 003_01 and (an augmentation of) 003_02 from 3; 002 is whole.
     assert "warning: 2 cluster image(s) have cells in several splits (e.g. Parabasal 001 in test and train)" in line
@@ -97,24 +94,24 @@ def test_cells_of_one_cluster_image_in_two_splits_are_a_warning_counted_by_numbe
 def test_a_passing_check_is_reported_and_remembered(trained, evaluated_json):
     path, result = trained
     assert result["leak_check"].startswith("leak check: passed (940 images in train/val/test, ")
-    again = leakcheck.check_leaks(path, progress=False)
+    again = leaks.check_leaks(path, progress=False)
     assert again.endswith(", 0 hashed now)")  # the first check's hashes were remembered
     image = sorted((path / "test" / "Parabasal").iterdir())[0]
     os.utime(image)  # touched: its hash is computed anew
-    assert leakcheck.check_leaks(path, progress=False).endswith(", 1 hashed now)")
+    assert leaks.check_leaks(path, progress=False).endswith(", 1 hashed now)")
     assert evaluated_json["leak_check"].startswith("leak check: passed (")
 
 
 @pytest.fixture
 def evaluated_json(trained, formatted, tmp_path):
     "metrics.json of the trained demo model evaluated on the demo test split."
-    inference.evaluate_folder(trained[0] / "models" / "tiny.pkl", formatted / "sipakmed" / "test",
+    reporting.evaluate_folder(trained[0] / "models" / "tiny.pkl", formatted / "sipakmed" / "test",
                               output_dir=tmp_path / "report", gradcam=0, bootstrap=100)
     return json.loads((tmp_path / "report" / "metrics.json").read_text())
 
 
 def test_an_image_replaced_with_its_time_kept_is_presized_anew(sipakmed_copy):
-    TTLR50.pap_dls(sipakmed_copy, 32, 10, workers=0)
+    data.pap_dls(sipakmed_copy, 32, 10, workers=0)
     cache = sipakmed_copy / "cache" / "32px"
     replaced, other = sorted((sipakmed_copy / "train" / "Parabasal").iterdir())[:2]
     stat = replaced.stat()
@@ -123,7 +120,7 @@ def test_an_image_replaced_with_its_time_kept_is_presized_anew(sipakmed_copy):
     subprocess.run(["cp", "-p", str(other), str(replaced)], check=True)
     os.utime(replaced, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert replaced.stat().st_size == stat.st_size and replaced.stat().st_mtime_ns == stat.st_mtime_ns
-    dls = TTLR50.pap_dls(sipakmed_copy, 32, 10, workers=0)
+    dls = data.pap_dls(sipakmed_copy, 32, 10, workers=0)
     new_entry = (cache / "train" / "Parabasal" / f"{replaced.name}.png").read_bytes()
     assert new_entry == (cache / "train" / "Parabasal" / f"{other.name}.png").read_bytes()
     store, i = dls.train.store, list(dls.train.items).index(replaced)
@@ -134,18 +131,18 @@ def test_an_image_replaced_with_its_time_kept_is_presized_anew(sipakmed_copy):
 
 
 def test_a_cache_made_in_another_format_is_rebuilt(sipakmed_copy):
-    root = presized.build_cache(sipakmed_copy, 30, progress=False)
+    root = presize.build_cache(sipakmed_copy, 30, progress=False)
     entry = next((root / "train" / "Parabasal").iterdir())
     good = entry.read_bytes()
     altered = bytes(good[:-20]) + bytes(b ^ 0xFF for b in good[-20:])  # same size: no damage the cache can see
     entry.write_bytes(altered)
     manifest = json.loads((root / "manifest.json").read_text())
-    presized.build_cache(sipakmed_copy, 30, progress=False)
+    presize.build_cache(sipakmed_copy, 30, progress=False)
     assert entry.read_bytes() == altered  # the same format: the entry is trusted as it is
     for key, other in (("version", 1), ("resampling", "nearest")):
         entry.write_bytes(altered)
         (root / "manifest.json").write_text(json.dumps({**manifest, key: other}))
-        presized.build_cache(sipakmed_copy, 30, progress=False)
+        presize.build_cache(sipakmed_copy, 30, progress=False)
         assert entry.read_bytes() == good
 
 
@@ -165,7 +162,7 @@ def test_a_rerun_from_its_own_weights_keeps_them_unless_an_epoch_beats_them(trai
     weights = path / "models" / "tiny.pth"
     before = weights.read_bytes()
     # lr 10 wrecks the model in one epoch: no epoch can beat the weights it started from.
-    result = R50.train_r50(path, save_loc="tiny", model_path=weights, epochs=1, batch_size=16, lr=10.0,
+    result = learner.train_r50(path, save_loc="tiny", model_path=weights, epochs=1, batch_size=16, lr=10.0,
                            image_size=48, pretrained=False, workers=0)
     assert weights.read_bytes() == before
     assert result["scores"].loc["validation", "accuracy"] == pytest.approx(
@@ -197,19 +194,28 @@ def test_a_killed_rerun_leaves_the_weights_it_started_from(formatted, tmp_path):
     assert {name: (path / "models" / name).read_bytes() for name in outputs} == outputs
 
 
-@pytest.mark.parametrize("script, main, module, function", [
-    ("implementation_DatasetDivision.py", division.main, division, "divide_dataset"),
-    ("R50.py", R50.main, R50, "train_r50"),
-    ("Inference_FastAI.py", inference.main, inference, "evaluate_folder"),
+PLANTED_FAULT = """
+import runpy, sys
+sys.path.insert(0, {root!r})
+from papsmear import {module}
+def broken(*args, **kwargs):
+    raise ZeroDivisionError("a fault planted by the test")
+{module}.{function} = broken
+sys.argv = [{script!r}]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script, module, function", [
+    ("implementation_DatasetDivision.py", "division", "divide_dataset"),
+    ("R50.py", "learner", "train_r50"),
+    ("Inference_FastAI.py", "report", "evaluate_folder"),
 ])
-def test_an_error_of_the_scripts_exits_3_with_its_traceback(script, main, module, function, monkeypatch, capsys):
-    def broken(*args, **kwargs):
-        raise ZeroDivisionError("a fault planted by the test")
-    monkeypatch.setattr(module, function, broken)
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 3
-    assert err.startswith("Traceback (most recent call last):") and "ZeroDivisionError" in err
-    assert err.rstrip().splitlines()[-1].startswith("internal error: ZeroDivisionError: a fault planted by the test")
-    assert "please report it" in err
+def test_an_error_of_the_scripts_exits_3_with_its_traceback(script, module, function, tmp_path):
+    code = PLANTED_FAULT.format(root=str(ROOT), module=module, function=function, script=str(ROOT / script))
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 3
+    assert result.stderr.startswith("Traceback (most recent call last):") and "ZeroDivisionError" in result.stderr
+    last = result.stderr.rstrip().splitlines()[-1]
+    assert last.startswith("internal error: ZeroDivisionError: a fault planted by the test")
+    assert "please report it" in result.stderr

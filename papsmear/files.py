@@ -1,9 +1,6 @@
-"""File rules and user errors shared by every script: which files are samples, how user paths are read and
-compared, which numbers and names an option may take, and how outputs are written so that a kill never
-leaves half a file.
+"""File rules and user errors: samples, user paths, option checks, messages and exit codes, atomic outputs.
 
-Nothing here imports torch or fastai: the division and augmentation scripts build on this module alone and
-start in about a second. TTLR50.py (data and learners) builds on it; the scripts sit on top of both.
+Nothing here imports torch or fastai, so the division and augmentation scripts start in about a second.
 """
 import errno
 import filecmp
@@ -130,7 +127,7 @@ def is_augmentation(path):
 
 
 def cell_cluster(path):
-    "The cluster image (NNN, as written) a SIPaKMeD cell `NNN_KK` or its augmentation was cut from; None for other names."
+    "The cluster image (NNN, as written) a SIPaKMeD cell `NNN_KK` or its augmentation comes from; else None."
     match = CELL_NAME.match(source_stem(path))
     return match["cluster"] if match else None
 
@@ -246,4 +243,4 @@ def unreadable(file):
 def unreadable_images(files):
     "{file: reason} for each of `files` that cannot be decoded, decoding them in parallel threads."
     with ThreadPoolExecutor(available_cpus()) as pool:
-        return {f: problem for f, problem in zip(files, pool.map(unreadable, files)) if problem}
+        return {f: problem for f, problem in zip(files, pool.map(unreadable, files), strict=True) if problem}

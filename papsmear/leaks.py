@@ -1,5 +1,6 @@
-"""The leak guard of a formatted dataset: no image of one split (train, val, test) may reach another, so that
-a validation or test score is never measured on images the model trained on.
+"""The leak check of a formatted dataset: no image of one split (train, val, test) may reach another.
+
+So a validation or test score is never measured on images the model trained on.
 
 Three kinds of leak are looked for:
 - the same bytes in two splits (a copy left by an earlier division, folders merged by hand);
@@ -8,7 +9,7 @@ Three kinds of leak are looked for:
 
 File contents are hashed by all cores and remembered in path_folder/cache/sha256.json, keyed on each file's
 size, modification time and change time, so a rerun hashes only new or changed files. Nothing here imports
-torch; training (TTLR50.pap_dls) and evaluation (Inference_FastAI.py) run it.
+torch; training (`papsmear.data.pap_dls`) and evaluation (`papsmear.predict`) run it.
 """
 import hashlib
 import json
@@ -18,8 +19,17 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from papfiles import (SPLITS, UserError, atomic_output, available_cpus, cell_cluster, file_stamp, is_augmentation,
-                      sample_images, source_stem)
+from papsmear.files import (
+    SPLITS,
+    UserError,
+    atomic_output,
+    available_cpus,
+    cell_cluster,
+    file_stamp,
+    is_augmentation,
+    sample_images,
+    source_stem,
+)
 
 MEMO_VERSION = 1  # bump when the memo's layout changes: an older memo is then ignored
 
@@ -52,7 +62,7 @@ def content_digests(path_folder, files, progress=True):
     # hashlib releases Python's lock while it hashes, so threads use every core.
     with ThreadPoolExecutor(available_cpus()) as pool:
         hashed = dict(zip(todo, tqdm(pool.map(file_sha256, todo), total=len(todo), desc="leak check", unit="img",
-                                     disable=not progress or len(todo) < 1000)))
+                                     disable=not progress or len(todo) < 1000), strict=True))
     for f, digest in hashed.items():
         memo[names[f]] = [*stamps[f], digest]
     if hashed:

@@ -1,24 +1,52 @@
-"""The evaluation report of Inference_FastAI.py: figures with bootstrap confidence intervals, per-class ROC
-and AUC, calibration, SIPaKMeD's abnormal-vs-normal grouping, Grad-CAM overlays, and one self-contained
-HTML page (Jinja2) that holds them all. Everything here reads predictions; nothing trains.
+"""The evaluation report: metrics, bootstrap intervals, ROC, calibration, Grad-CAM and one HTML page.
+
+`evaluate_folder` predicts a folder and writes it all (SIPaKMeD's abnormal-vs-normal figures where the classes
+are SIPaKMeD's); the page's Jinja2 template lies beside this module. Nothing here trains.
 """
 import base64
 import hashlib
+import json
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from fastai.vision.all import imagenet_stats
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score, roc_curve
+from sklearn.metrics import (
+    ConfusionMatrixDisplay,
+    accuracy_score,
+    classification_report,
+    confusion_matrix,
+    f1_score,
+    roc_auc_score,
+    roc_curve,
+)
 from torch import nn
 from tqdm import tqdm
 
-import TTLR50
+from papsmear.figures import plt, save_figure
+from papsmear.files import (
+    IMAGE_ERRORS,
+    UserError,
+    atomic_output,
+    check_not_negative,
+    check_positive,
+    is_inside,
+    user_path,
+)
+from papsmear.predict import (
+    check_classes,
+    check_split_leaks,
+    drop_unreadable,
+    list_inputs,
+    load_classifier,
+    predict_files,
+)
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
@@ -113,7 +141,7 @@ def calibration(probabilities, truth, n_bins=15):
 
 def plot_roc(curves, macro_auc, png):
     "One-vs-rest ROC curves of every class with its AUC in the legend."
-    fig, ax = TTLR50.plt.subplots(figsize=(6.2, 5.2))
+    fig, ax = plt.subplots(figsize=(6.2, 5.2))
     for name, curve in curves.items():
         if curve["auc"] is not None:
             ax.plot(curve["fpr"], curve["tpr"], label=f"{name} (AUC {curve['auc']:.3f})")
@@ -121,12 +149,12 @@ def plot_roc(curves, macro_auc, png):
     ax.set(xlabel="false positive rate (1 − specificity)", ylabel="true positive rate (sensitivity)",
            title=f"ROC, one class against the rest (macro AUC {macro_auc:.3f})" if macro_auc else "ROC")
     ax.legend(fontsize=8, loc="lower right")
-    TTLR50.save_figure(fig, png)
+    save_figure(fig, png)
 
 
 def plot_calibration(table, ece, png):
     "Reliability diagram: accuracy against mean confidence per bin, bars sized by the images they hold."
-    fig, ax = TTLR50.plt.subplots(figsize=(5.6, 5.2))
+    fig, ax = plt.subplots(figsize=(5.6, 5.2))
     width = 1 / 15
     ax.bar([row["upper"] - width / 2 for row in table], [row["accuracy"] for row in table], width=width * 0.9,
            color="#6baed6", edgecolor="#08519c", label="accuracy in the bin")
@@ -138,7 +166,7 @@ def plot_calibration(table, ece, png):
     ax.set(xlim=(0, 1), ylim=(0, 1.05), xlabel="confidence (top probability)", ylabel="accuracy",
            title=f"calibration: ECE {ece:.3f} (numbers: images per bin)")
     ax.legend(fontsize=8, loc="upper left")
-    TTLR50.save_figure(fig, png)
+    save_figure(fig, png)
 
 
 def conv_target_layer(model):
@@ -196,11 +224,11 @@ def gradcam_selection(truth, probabilities, classes, n):
 
 def save_overlay(image, heat, png, title):
     "The heat map over the image the network saw, with a title."
-    fig, ax = TTLR50.plt.subplots(figsize=(3.2, 3.4))
+    fig, ax = plt.subplots(figsize=(3.2, 3.4))
     ax.imshow(show_cam_on_image(image.astype(np.float32), heat, use_rgb=True))
     ax.set_title(title, fontsize=8)
     ax.axis("off")
-    TTLR50.save_figure(fig, png)
+    save_figure(fig, png)
 
 
 def gradcam_gallery(learn, files, truth, probabilities, classes, output_dir, n):
@@ -208,7 +236,7 @@ def gradcam_gallery(learn, files, truth, probabilities, classes, output_dir, n):
     (gallery entries, reason when skipped)."""
     if n <= 0:
         return [], "Grad-CAM turned off (gradcam = 0)"
-    chosen = gradcam_selection(truth, probabilities, classes, n)
+    chosen = gradcam_selection(truth, probabilities, classes=classes, n=n)
     if not chosen:
         return [], None
     predicted = probabilities.argmax(1)
@@ -218,11 +246,11 @@ def gradcam_gallery(learn, files, truth, probabilities, classes, output_dir, n):
     folder = Path(output_dir) / "gradcam"
     folder.mkdir(exist_ok=True)
     gallery = []
-    for rank, ((i, why), heat, image) in enumerate(zip(chosen, *result)):
+    for rank, ((i, why), heat, image) in enumerate(zip(chosen, *result, strict=True)):
         top3 = [(classes[k], float(probabilities[i, k])) for k in np.argsort(-probabilities[i])[:3]]
         true_class = classes[truth[i]] if truth is not None else None
         png = folder / f"{rank:03d}_{Path(files[i]).stem}.png"
-        save_overlay(image, heat, png, f"{Path(files[i]).name}\npredicted {top3[0][0]} ({top3[0][1]:.2f})"
+        save_overlay(image, heat, png=png, title=f"{Path(files[i]).name}\npredicted {top3[0][0]} ({top3[0][1]:.2f})"
                      + (f", true {true_class}" if true_class else ""))
         name = f"{Path(files[i]).parent.name}/{Path(files[i]).name}"  # the folder tells cells of two classes apart
         gallery.append(dict(file=str(files[i]), name=name, why=why, true=true_class,
@@ -250,7 +278,7 @@ def write_html(context, html):
     environment.filters["png"] = inline_png
     page = environment.get_template("report.html").render(
         **context, created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
-    with TTLR50.atomic_output(html) as tmp:
+    with atomic_output(html) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return html
 
@@ -265,7 +293,9 @@ def labelled_figures(truth, probabilities, classes, output_dir, n_resamples=2000
     if macro_auc is not None:
         plot_roc(curves, macro_auc, output_dir / "roc_curves.png")
     plot_calibration(bins, ece, output_dir / "calibration.png")
-    return dict(intervals=bootstrap_intervals(truth, probabilities.argmax(1), len(classes), n_resamples, seed),
+    intervals = bootstrap_intervals(truth, probabilities.argmax(1), n_classes=len(classes), n_resamples=n_resamples,
+                                    seed=seed)
+    return dict(intervals=intervals,
                 bootstrap=dict(resamples=n_resamples, seed=seed, level=0.95),
                 auc={name: curve["auc"] for name, curve in curves.items()}, macro_auc=macro_auc,
                 abnormal_vs_normal=abnormal_vs_normal(truth, probabilities, classes),
@@ -276,7 +306,8 @@ def write_report(learn, files, truth, probabilities, classes, summary, output_di
     """Grad-CAM gallery and report.html for one evaluation; `summary` is what metrics.json holds.
     Returns (report path, reason Grad-CAM was skipped or None)."""
     output_dir = Path(output_dir)
-    gallery, skipped = gradcam_gallery(learn, files, truth, probabilities, classes, output_dir, gradcam)
+    gallery, skipped = gradcam_gallery(learn, files, truth=truth, probabilities=probabilities, classes=classes,
+                                       output_dir=output_dir, n=gradcam)
     plain = summary.get("plain")
     matrix = np.array(plain["confusion_matrix"]) if plain else None
     context = dict(summary=summary, plain=plain, classes=classes, gallery=gallery, gradcam_note=skipped,
@@ -284,5 +315,117 @@ def write_report(learn, files, truth, probabilities, classes, summary, output_di
                    normalised=(matrix / np.maximum(matrix.sum(1, keepdims=True), 1)).tolist() if plain else None,
                    pictures={name: output_dir / f"{name}.png" for name in ("roc_curves", "calibration")
                              if plain and (output_dir / f"{name}.png").exists()},
-                   predictions=None if plain else list(zip(files, probabilities.argmax(1), probabilities.max(1))))
+                   predictions=None if plain else list(zip(files, probabilities.argmax(1), probabilities.max(1),
+                                                           strict=True)))
     return write_html(context, output_dir / "report.html"), skipped
+
+
+def label_metrics(truth, predicted, classes):
+    "Accuracy, confusion matrix and sklearn's classification report (by class name) of integer labels."
+    labels = list(range(len(classes)))
+    return dict(accuracy=float(accuracy_score(truth, predicted)),
+                confusion_matrix=confusion_matrix(truth, predicted, labels=labels).tolist(),
+                report=classification_report(truth, predicted, labels=labels, target_names=classes,
+                                             output_dict=True, zero_division=0),
+                report_text=classification_report(truth, predicted, labels=labels, target_names=classes,
+                                                   digits=4, zero_division=0))
+
+
+def plot_confusion(matrix, classes, png, title):
+    "Confusion matrix picture with counts and class names on both axes."
+    fig, ax = plt.subplots(figsize=(1.4 * len(classes) + 3, 1.2 * len(classes) + 2))
+    ConfusionMatrixDisplay(np.array(matrix), display_labels=classes).plot(ax=ax, cmap="Blues", colorbar=False,
+                                                                          xticks_rotation=35)
+    ax.set_title(title)
+    save_figure(fig, png)
+
+
+def predictions_table(files, labels, runs, classes):
+    """One row per image: file, true class (if known), predicted class, the probability of each class, and
+    the class predicted with test-time augmentation when it was run."""
+    table = pd.DataFrame({"file": [str(f) for f in files]})
+    if any(label is not None for label in labels):
+        table["true_class"] = labels
+    table["predicted_class"] = [classes[i] for i in runs["plain"].argmax(1)]
+    for i, name in enumerate(classes):
+        table[f"p_{name}"] = runs["plain"][:, i]
+    if "tta" in runs:
+        table["tta_predicted_class"] = [classes[i] for i in runs["tta"].argmax(1)]
+    return table
+
+
+def evaluate_folder(model_path, test_dataset_path, output_dir=None, batch_size=16, tta=False, gradcam=3,
+                    bootstrap=2000):
+    """Predict every image of `test_dataset_path` and write the reports. Returns a dict with the
+    predictions table, the model's classes, the metrics (labelled input), the skipped files, the
+    output folder and the HTML report."""
+    check_positive(batch_size=batch_size)
+    low, high = BOOTSTRAP_RANGE
+    if not low <= bootstrap <= high:
+        raise UserError(f"bootstrap is {bootstrap}; a 95% interval needs between {low} and {high} resamples "
+                               "(2000 is the default) — set --bootstrap in that range")
+    check_not_negative(gradcam=gradcam)
+    model_path = user_path(model_path)
+    files, labels, left_out = list_inputs(test_dataset_path)
+    leak_check = check_split_leaks(test_dataset_path)
+    output_dir = user_path(output_dir or model_path.with_name(f"{model_path.stem}_inference"))
+    test_folder = user_path(test_dataset_path)
+    if test_folder.is_dir() and is_inside(output_dir, test_folder):
+        raise UserError(f"output_dir {output_dir} is inside test_dataset_path {test_folder}: the reports "
+                               "would become test images — choose an output_dir outside it")
+    output_dir.mkdir(parents=True, exist_ok=True)  # before the slow part: an unusable folder fails at once
+    learn, classes = load_classifier(model_path, files, batch_size)
+    check_classes(labels, classes, test_dataset_path)
+    skipped = []
+    try:
+        runs = {"plain": predict_files(learn, files, batch_size)}
+    except IMAGE_ERRORS:
+        # Some file cannot be decoded: only now pay for decoding each one to find which, then go on without them.
+        files, labels, skipped = drop_unreadable(files, labels, test_dataset_path)
+        runs = {"plain": predict_files(learn, files, batch_size)}
+    if tta:
+        runs["tta"] = predict_files(learn, files, batch_size, tta=True)
+    table = predictions_table(files, labels, runs=runs, classes=classes)
+    with atomic_output(output_dir / "predictions.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    result = dict(table=table, classes=classes, skipped=skipped, left_out=left_out, output_dir=output_dir,
+                  metrics={}, leak_check=leak_check)
+    truth = None if labels[0] is None else [classes.index(label) for label in labels]
+    if truth is not None:
+        for name, probabilities in runs.items():
+            result["metrics"][name] = label_metrics(truth, probabilities.argmax(1), classes)
+        result["metrics"]["plain"].update(labelled_figures(truth, runs["plain"], classes=classes,
+                                                           output_dir=output_dir, n_resamples=bootstrap))
+        plot_confusion(result["metrics"]["plain"]["confusion_matrix"], classes, png=output_dir / "confusion_matrix.png",
+                       title=f"{Path(model_path).name} on {Path(test_dataset_path).name}: "
+                       f"accuracy {result['metrics']['plain']['accuracy']:.4f}")
+    summary = dict(model_path=str(model_path), test_dataset_path=str(test_dataset_path), classes=classes,
+                   n_images=len(files), skipped=skipped, left_out=list(map(str, left_out)), leak_check=leak_check,
+                   **{name: {k: v for k, v in m.items() if k != "report_text"}
+                      for name, m in result["metrics"].items()})
+    with atomic_output(output_dir / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    result["report"], result["gradcam_skipped"] = write_report(
+        learn, files, truth=truth, probabilities=runs["plain"], classes=classes, summary=summary,
+        output_dir=output_dir, gradcam=gradcam)
+    return result
+
+
+def print_report(result, classes):
+    "What a reader wants on screen: accuracy, the confusion matrix with class names, the report."
+    for name, metrics in result["metrics"].items():
+        label = "test-time augmentation" if name == "tta" else "predictions"
+        print(f"\n== {label}: accuracy {metrics['accuracy']:.4f}")
+        for key, figure in metrics.get("intervals", {}).items():
+            print(f"   {key.replace('_', ' ')} {figure['value']:.4f} (95% CI {figure['low']:.4f}–{figure['high']:.4f})")
+        if "macro_auc" in metrics:
+            auc = "undefined" if metrics["macro_auc"] is None else f"{metrics['macro_auc']:.4f}"
+            print(f"   macro AUC {auc}, expected calibration error {metrics['ece']:.4f}")
+        if metrics.get("abnormal_vs_normal"):
+            screen = metrics["abnormal_vs_normal"]
+            print("   abnormal vs the rest: " + ", ".join(
+                f"{key} {'undefined' if screen[key] is None else format(screen[key], '.4f')}"
+                for key in ("sensitivity", "specificity")))
+        matrix = pd.DataFrame(metrics["confusion_matrix"], index=[f"true {c}" for c in classes], columns=classes)
+        print(matrix.to_string())
+        print(metrics["report_text"])

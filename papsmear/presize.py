@@ -1,4 +1,4 @@
-"""Presizing: every image is decoded and resized once, so that the work left for each batch is cheap.
+"""Presizing: every image decoded and resized once, so that the work left for each batch is cheap.
 
 - The decoded-image cache: each train/val image resized once (shorter side `cache_size`) and stored as PNG
   under path_folder/cache/<cache_size>px, built by all cores.
@@ -7,8 +7,6 @@
   for validation, fastai `Resize`'s rule), and fastai's batch transforms (augmentation, normalisation) run on
   the device, as on the file path.
 - Per-image parallel decoding for prediction: every core decodes its own images, whatever the batch size.
-
-TTLR50.py builds its data loaders from these; this module sits between papfiles.py and TTLR50.py.
 """
 import fcntl
 import json
@@ -24,7 +22,15 @@ from fastai.vision.augment import Resize
 from PIL import Image
 from tqdm import tqdm
 
-from papfiles import IMAGE_ERRORS, UserError, atomic_output, available_cpus, file_stamp, remove_partials, sample_images
+from papsmear.files import (
+    IMAGE_ERRORS,
+    UserError,
+    atomic_output,
+    available_cpus,
+    file_stamp,
+    remove_partials,
+    sample_images,
+)
 
 GB = 2 ** 30
 AUTO_SHARE = 0.25  # share of the GPU's (or, on CPU, the free RAM's) memory the images may take by default
@@ -194,8 +200,8 @@ def presized_placement(files, image_size, memory_budget=None, device_type="cpu")
 def load_store(files, labels, placement):
     """Images `files` (RGB, any sizes) with their integer `labels`, held as one flat uint8 buffer of pixels and
     per-image start, height and width, on `placement` ("cuda", "pinned" or "cpu"). Decoded by all cores."""
-    widths, heights = zip(*image_sizes(files))
-    counts = [w * h for w, h in zip(widths, heights)]
+    widths, heights = zip(*image_sizes(files), strict=True)
+    counts = [w * h for w, h in zip(widths, heights, strict=True)]
     starts = [0, *np.cumsum(counts)[:-1].tolist()]
     pixels = np.empty((sum(counts), 3), dtype=np.uint8)
 
@@ -261,7 +267,8 @@ class PresizedDL(TfmdDL):
         training = not getattr(self.dataset, "split_idx", None)  # Resize's rule: random unless split_idx is 1
         for idxs in self.chunkify(samps):
             i = store_index(self.store, idxs)
-            yield TensorImage(crop_batch(self.store, i, size, training)), TensorCategory(self.store["labels"][i])
+            yield (TensorImage(crop_batch(self.store, i, size, random_position=training)),
+                   TensorCategory(self.store["labels"][i]))
 
     def new(self, dataset=None, cls=None, **kwargs):
         "The same kind of loader over the same store, or an ordinary file loader for other items."

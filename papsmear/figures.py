@@ -1,0 +1,16 @@
+"""Figures: matplotlib without a screen, and one way to write a figure to a PNG file."""
+import matplotlib
+
+matplotlib.use("Agg")  # scripts run on headless machines; every figure goes to a PNG file
+import matplotlib.pyplot as plt  # noqa: E402
+
+from papsmear.files import atomic_output  # noqa: E402
+
+
+def save_figure(fig, png):
+    "Write a figure to `png` (through a temporary name, so a kill never leaves half a picture) and close it."
+    fig.tight_layout()
+    with atomic_output(png) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return png

@@ -1,0 +1,306 @@
+"""The ResNet50 learner: building it, weight files, training with a recipe, saving, exporting and plotting."""
+import json
+import os
+import shutil
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.error import URLError
+
+import pandas as pd
+import torch
+from fastai.callback.all import CSVLogger, MixUp, SaveModelCallback
+from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
+from fastai.metrics import AccumMetric, accuracy, skm_to_fastai
+from fastai.torch_core import distrib_barrier
+from fastai.vision.all import create_body, model_meta, vision_learner
+from sklearn.metrics import f1_score, fbeta_score
+from torch import nn
+from torchvision.models import ResNet50_Weights, resnet50
+
+from papsmear.data import (
+    IMAGE_SIZE,
+    broken_images_error,
+    check_batch_size,
+    current_speed_settings,
+    pap_dls,
+    recipe_settings,
+)
+from papsmear.figures import plt, save_figure
+from papsmear.files import (
+    IMAGE_ERRORS,
+    UserError,
+    atomic_output,
+    check_file_name,
+    check_not_negative,
+    check_positive,
+    user_path,
+)
+from papsmear.launch import describe_batches, is_main_process
+
+DOWNLOAD_TIMEOUT = 60  # seconds without an answer before the ImageNet download counts as offline
+
+
+def pap_metrics():
+    """Accuracy, weighted F-beta with beta=2 (what the original's fastai-v1 `FBeta(average='weighted')`
+    computed) and weighted F1. All three gather every process's predictions before computing, so that on
+    several processes they score the whole validation set, as on one."""
+    return [AccumMetric(accuracy, flatten=False, name="accuracy"),
+            skm_to_fastai(fbeta_score, beta=2, average="weighted", name="f2_weighted"),
+            skm_to_fastai(f1_score, average="weighted", name="f1_weighted")]
+
+
+def imagenet_weights():
+    "The torchvision ImageNet weights fastai asks for with resnet50, and the file they live in once downloaded."
+    weights = ResNet50_Weights.verify(model_meta[resnet50]["weights"])
+    return weights, Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+
+
+@contextmanager
+def socket_timeout(seconds):
+    "Give every network connection opened in the block a time limit, so that a silent network cannot hang it."
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(before)
+
+
+def ensure_imagenet_weights():
+    "Download the ImageNet weights now (before any training), or say clearly how to do without the network."
+    weights, file = imagenet_weights()
+    if file.exists():
+        return file
+    try:
+        with socket_timeout(DOWNLOAD_TIMEOUT):
+            weights.get_state_dict(progress=True)
+    except (URLError, OSError, RuntimeError) as e:
+        raise UserError(f"cannot download the ImageNet ResNet50 weights ({e}). Either put {file.name} into "
+                        f"{file.parent}, or set pretrained_weights to a local torchvision ResNet50 state-dict "
+                        "file, or set pretrained = False (--no-pretrained) to start from random weights") from None
+    return file
+
+
+def load_body_weights(learn, pretrained_weights):
+    "Load a torchvision ResNet50 state-dict file strictly into the learner's body."
+    try:
+        reference = resnet50()
+        reference.load_state_dict(torch.load(user_path(pretrained_weights), map_location="cpu", weights_only=True))
+    except Exception as e:  # torch.load raises many kinds for a file that is not a checkpoint
+        raise UserError(f"pretrained_weights {pretrained_weights} is not a torchvision ResNet50 state dict "
+                        f"({type(e).__name__}: {first_line(e)})") from None
+    body = create_body(reference, pretrained=True, cut=model_meta[resnet50]["cut"])
+    learn.model[0].load_state_dict(body.state_dict())
+
+
+def pap_learner(dls, pretrained=False, pretrained_weights=None, n_out=None, path=None, recipe="original"):
+    """A fastai ResNet50 learner for `dls` with the project's metrics, on the best device, with the recipe's
+    loss (label smoothing or not) and weight decay.
+
+    `pretrained` downloads (or reuses) the ImageNet weights; `pretrained_weights` loads a local file
+    instead. On CUDA the learner trains in mixed precision and channels-last.
+    """
+    settings = recipe_settings(recipe)
+    if pretrained and not pretrained_weights:
+        ensure_imagenet_weights()
+    loss = (LabelSmoothingCrossEntropyFlat(eps=settings["label_smoothing"]) if settings["label_smoothing"]
+            else CrossEntropyLossFlat())
+    # An absolute path: fastai joins it with file names (the CSV log's among them) that may already hold it.
+    learn = vision_learner(dls, resnet50, pretrained=pretrained and not pretrained_weights, n_out=n_out,
+                           loss_func=loss, metrics=pap_metrics(), wd=settings["wd"],
+                           path=None if path is None else user_path(path))
+    if pretrained_weights:
+        load_body_weights(learn, pretrained_weights)
+    settings = current_speed_settings()
+    if settings["amp"]:
+        learn.to_channelslast(amp_mode=settings["amp"])
+    return learn
+
+
+def head_linear(model):
+    "(index, layer) of the last Linear layer of a fastai model's head."
+    head = model[1]
+    index = max(i for i, layer in enumerate(head) if isinstance(layer, nn.Linear))
+    return index, head[index]
+
+
+def first_line(error):
+    "The first line of an exception's message (torch's can run over many lines)."
+    return (str(error).splitlines() or [""])[0]
+
+
+def read_weights(path):
+    """The model state of a saved `.pth` (fastai `learn.save` format, with or without optimiser state),
+    loaded with weights_only: nothing is unpickled. A `.pkl` export or any other file is refused."""
+    if Path(path).suffix == ".pkl":
+        raise UserError(f"{path} is a fastai export (.pkl); give the weights file (.pth) saved beside it")
+    try:
+        state = torch.load(user_path(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many kinds for a file that is not a checkpoint
+        raise UserError(f"cannot read weights {path} ({type(e).__name__}: {first_line(e)}) — give a .pth saved "
+                        "by R50.py or R50Herlev.py") from None
+    state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} is not a model checkpoint — give a .pth saved by R50.py or R50Herlev.py")
+    return state
+
+
+def head_classes(state, path):
+    "Number of outputs of the head in a model state read from `path`."
+    heads = [k for k, v in state.items() if k.startswith("1.") and k.endswith(".weight") and v.ndim == 2]
+    if not heads:
+        raise UserError(f"{path} holds no fastai ResNet50 head — was it saved by R50.py or R50Herlev.py?")
+    return state[max(heads, key=lambda k: int(k.split(".")[1]))].shape[0]
+
+
+def load_weights(learn, path):
+    "Load a `.pth` whose head has as many classes as the learner; otherwise a clear error."
+    state = read_weights(path)
+    n_saved, n_data = head_classes(state, path), learn.dls.c
+    if n_saved != n_data:
+        raise UserError(f"{path} has a {n_saved}-class head but the data has {n_data} classes — to start from "
+                        "weights trained on other classes use TTLR50.load_weights_across_heads (as R50Herlev.py does)")
+    learn.model.load_state_dict(state)
+    return learn
+
+
+def write_class_list(learn, weights, image_size):
+    """Write <weights>.json beside a `.pth`: the class names in output order and the image size, so that the
+    weights can be used without the export."""
+    info = dict(classes=list(map(str, learn.dls.vocab)), image_size=image_size, arch="resnet50")
+    with atomic_output(Path(weights).with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps(info, indent=2))
+
+
+def plot_training(log_csv, png):
+    "Training curves from fastai's CSV log: losses, and the metrics, per epoch."
+    log = pd.read_csv(log_csv)
+    fig, (losses, metrics) = plt.subplots(1, 2, figsize=(11, 4))
+    log.plot(x="epoch", y=["train_loss", "valid_loss"], ax=losses, marker="o", title="loss")
+    log.plot(x="epoch", y=["accuracy", "f2_weighted", "f1_weighted"], ax=metrics, marker="o",
+             title="validation metrics", ylim=(0, 1.02))
+    return save_figure(fig, png)
+
+
+def evaluate(learn):
+    "Loss and metrics on the validation set and on the training set (not shuffled, no sample dropped)."
+    names = ["loss", *[m.name for m in learn.metrics]]
+    rows = {"validation": learn.validate(dl=learn.dls.valid),
+            "training": learn.validate(dl=learn.dls.train.new(shuffle=False, drop_last=False))}
+    return pd.DataFrame({k: dict(zip(names, map(float, v), strict=True)) for k, v in rows.items()}).T
+
+
+def export_atomically(learn, export_path):
+    "Export the learner through a temporary name, so a kill never leaves a truncated .pkl."
+    with atomic_output(export_path) as tmp:
+        learn.export(tmp)
+    return export_path
+
+
+def fit_recipe(learn, epochs, lr, cbs, recipe="original"):
+    """Fit with the recipe's schedule (one-cycle or flat-then-cosine) and MixUp; when an image cannot be
+    decoded mid-training, a `UserError` naming the broken files."""
+    settings = recipe_settings(recipe)
+    fit = learn.fit_flat_cos if settings["schedule"] == "flat_cos" else learn.fit_one_cycle
+    cbs = [*cbs, MixUp(settings["mixup"])] if settings["mixup"] else cbs
+    try:
+        # fastai's DDP under a launcher (each process trains on its share of every epoch); a plain fit
+        # otherwise. SyncBatchNorm needs GPUs.
+        with learn.distrib_ctx(sync_bn=torch.cuda.is_available()):
+            fit(epochs, lr, cbs=cbs)
+    except IMAGE_ERRORS:
+        raise broken_images_error([*learn.dls.train_ds.items, *learn.dls.valid_ds.items]) from None
+
+
+def best_epoch_keeper(learn, save_loc, start_weights=None):
+    """fastai's `SaveModelCallback` keeping the best epoch by validation accuracy aside, in
+    models/.<save_loc>.running.pth, so that the run's earlier weights stay until it ends. A run that starts
+    from its own weights (`start_weights` is models/<save_loc>.pth) keeps them unless an epoch beats their
+    validation accuracy."""
+    models = Path(learn.path) / learn.model_dir
+    keeper = SaveModelCallback(monitor="accuracy", fname=f".{save_loc}.running", reset_on_fit=False)
+    own = models / f"{save_loc}.pth"
+    if start_weights is not None and own.exists() and Path(user_path(start_weights)).samefile(own):
+        keeper.best = float(learn.validate()[1])  # [loss, accuracy, ...]
+        if is_main_process():
+            shutil.copy2(own, models / f".{save_loc}.running.pth")
+            print(f"starting from {own} (validation accuracy {keeper.best:.4f}): it stays unless an epoch beats it")
+    return keeper
+
+
+def train_and_save(learn, epochs, lr, save_loc, export_path=None, image_size=IMAGE_SIZE, recipe="original",
+                   start_weights=None):
+    """Train the whole network with the recipe's schedule, keep the epoch with the best validation accuracy,
+    save its weights (.pth + class list .json), export the learner (.pkl), and write the CSV log and curves.
+    The best weights and the log are written aside while training (`best_epoch_keeper`) and take the place
+    of a previous run's only once it ends, so a killed run leaves the previous outputs as they were.
+
+    Returns a dict of the files written, the final validation/training scores and the leak check's line."""
+    models = Path(learn.path) / learn.model_dir
+    export_path = user_path(export_path or models / f"{save_loc}.pkl")
+    models.mkdir(parents=True, exist_ok=True)
+    export_path.parent.mkdir(parents=True, exist_ok=True)
+    weights, log = models / f"{save_loc}.pth", models / f"{save_loc}_log.csv"
+    running_log = models / f".{save_loc}_log.running.csv"
+    curves = models / f"{save_loc}_curves.png"
+    learn.unfreeze()
+    keeper = best_epoch_keeper(learn, save_loc, start_weights)
+    if is_main_process():
+        print(f"training {save_loc}: recipe {recipe}, {epochs} epochs, {describe_batches(learn.dls.bs, lr)}")
+    # fastai saves the best epoch's weights from rank 0 only; the log, the exports and the pictures too.
+    cbs = [keeper] + ([CSVLogger(fname=running_log)] if is_main_process() else [])
+    fit_recipe(learn, epochs=epochs, lr=lr, cbs=cbs, recipe=recipe)
+    # SaveModelCallback wrote the best epoch's weights (no optimiser: loadable with weights_only) and every
+    # process has loaded them back; writing them again could race with a process still reading.
+    if is_main_process():
+        os.replace(models / f".{save_loc}.running.pth", weights)
+        os.replace(running_log, log)
+        write_class_list(learn, weights, image_size)
+        export_atomically(learn, export_path)
+        plot_training(log, curves)
+    distrib_barrier()  # the other processes go on (to a next TTL stage, say) once the files are complete
+    return dict(weights=weights, classes=weights.with_suffix(".json"), export=export_path, log=log,
+                curves=curves, scores=evaluate(learn), learner=learn, leak_check=learn.dls.leak_check)
+
+
+def check_training_options(save_loc, **numbers):
+    """Refuse, before any work, a `save_loc` that is not a plain name, numbers that are not > 0 (workers and
+    memory_budget: >= 0) and batches of one image."""
+    check_file_name(save_loc)
+    check_not_negative(workers=numbers.pop("workers", None), memory_budget=numbers.pop("memory_budget", None))
+    check_positive(**numbers)
+    check_batch_size(**{name: value for name, value in numbers.items() if name.endswith("batch_size")})
+
+
+def find_lr(learn, png):
+    "Run fastai's learning-rate finder, save its plot, and return the suggested rate (lr is left as set)."
+    suggestion = learn.lr_find(show_plot=True)
+    save_figure(plt.gcf(), png)
+    plt.close("all")
+    return suggestion.valley
+
+
+def train_r50(path_folder, save_loc="resnet50", model_path=None, export_path=None, epochs=None, batch_size=None,
+              lr=None, image_size=IMAGE_SIZE, pretrained=True, pretrained_weights=None, seed=42, lr_find=False,
+              workers=None, cache_size=None, recipe="original", memory_budget=None):
+    """Build, optionally resume, train with `recipe` (epochs, batch_size and lr left None take the recipe's),
+    save and export; returns `train_and_save`'s summary."""
+    settings = recipe_settings(recipe)
+    epochs, batch_size, lr = (settings[k] if v is None else v
+                              for k, v in dict(epochs=epochs, batch_size=batch_size, lr=lr).items())
+    check_training_options(save_loc, epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
+                                  workers=workers, cache_size=cache_size, memory_budget=memory_budget)
+    dls = pap_dls(path_folder, image_size, batch_size, seed=seed, workers=workers, cache_size=cache_size,
+                         recipe=recipe, memory_budget=memory_budget)
+    starts_from_file = model_path is not None
+    learn = pap_learner(dls, pretrained=pretrained and not starts_from_file, pretrained_weights=pretrained_weights,
+                        path=path_folder,
+                               recipe=recipe)
+    if starts_from_file:
+        load_weights(learn, model_path)
+    if lr_find:
+        png = Path(path_folder) / "models" / f"{save_loc}_lr_find.png"
+        print(f"lr_find suggests lr = {find_lr(learn, png):.2e} (plot: {png}); training with lr = {lr:g}")
+    return train_and_save(learn, epochs=epochs, lr=lr, save_loc=save_loc, export_path=export_path,
+                          image_size=image_size, recipe=recipe, start_weights=model_path)

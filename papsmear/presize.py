@@ -104,7 +104,8 @@ def build_cache(path_folder, cache_size, splits=("train", "val"), progress=True,
             del manifest[rel]
         stamps = {rel: file_stamp(p) for rel, p in sources.items()}
         todo = [rel for rel in sources if manifest.get(rel, [])[:3] != stamps[rel]]
-        damaged = [rel for rel in sources if rel not in todo and not entry_intact(root / f"{rel}.png", manifest[rel])]
+        damaged = [rel for rel in sources if manifest.get(rel, [])[:3] == stamps[rel]
+                   and not entry_intact(root / f"{rel}.png", manifest[rel])]
         if damaged:
             print(f"cache {root}: {len(damaged)} damaged file(s) presized again from their source, e.g. "
                   f"{damaged[0]}.png")

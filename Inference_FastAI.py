@@ -1,9 +1,11 @@
 """Evaluate a trained model on a labelled folder (accuracy, confusion matrix, precision/recall/F1 per class),
 or predict a single image or a folder of unlabelled images.
 
-model_path may be the exported learner (.pkl, unpickled by fastai: only load files you trust) or the
+model_path may be the exported learner (.pkl, unpickled by fastai: only load files you trust), the
 weights (.pth) with the class list (.json) that R50.py / R50Herlev.py write beside them, which unpickles
-nothing. Reports go to output_dir: metrics.json, predictions.csv, confusion_matrix.png, roc_curves.png,
+nothing, or the ONNX export (.onnx, run by ONNX Runtime; no Grad-CAM, no test-time augmentation). A folder
+whose sub-folders are not classes of the model is walked as an unlabelled tree (folders.csv counts each
+folder's predictions). Reports go to output_dir: metrics.json, predictions.csv, confusion_matrix.png, roc_curves.png,
 calibration.png, Grad-CAM overlays under gradcam/, and report.html, one page that holds them all.
 """
 from pathlib import Path
@@ -21,6 +23,8 @@ batch_size = 16        # images per prediction batch (16 ran fastest on a 2-core
 tta = False            # also predict with fastai's test-time augmentation and report both scores
 gradcam = 3            # Grad-CAM overlays: misclassified images + this many most/least confident per class; 0: none
 bootstrap = 2000       # resamples of the test images for the 95% confidence intervals (seeded)
+unlabelled = False     # walk test_dataset_path as an unlabelled tree (patient/slide/field/...); also chosen
+                       # when none of its sub-folders is a class of the model
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -31,16 +35,19 @@ def main(model_path: Path = model_path,                # .pkl export, or .pth we
          batch_size: int = batch_size,                 # images per prediction batch
          tta: bool = tta,                              # also report scores with test-time augmentation
          gradcam: int = gradcam,                       # Grad-CAM: wrong ones + N most/least sure per class (0: off)
-         bootstrap: int = bootstrap):                  # resamples for the 95% bootstrap confidence intervals
+         bootstrap: int = bootstrap,                   # resamples for the 95% bootstrap confidence intervals
+         unlabelled: bool = unlabelled):               # predict every image of a folder tree, grouped by folder
     "Evaluate a trained Pap-smear classifier, or predict unlabelled images."
     with user_errors():
         result = report.evaluate_folder(model_path, test_dataset_path, output_dir=output_dir, batch_size=batch_size,
-                                        tta=tta, gradcam=gradcam, bootstrap=bootstrap)
+                                        tta=tta, gradcam=gradcam, bootstrap=bootstrap, unlabelled=unlabelled)
         table = result["table"]
         if result["metrics"]:
             report.print_report(result, result["classes"])
         else:
             print(table.to_string(index=False, float_format="%.4f"))
+        if result["folders"] is not None:
+            print("\nper folder:\n" + result["folders"].to_string(index=False))
         for problem in result["skipped"]:
             print(f"skipped unreadable image {problem}")
         if result["left_out"]:

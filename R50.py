@@ -1,7 +1,8 @@
 """Train a ResNet50 on a formatted dataset (train/val/test/models), e.g. the Extended DA SIPaKMeD.
 
-Keeps the epoch with the best validation accuracy; writes path_folder/models/<save_loc>.pth (+ .json class
-list), the exported learner <save_loc>.pkl, the CSV log and the training curves.
+Keeps the epoch with the best validation accuracy (or the score set by `monitor`); writes
+path_folder/models/<save_loc>.pth (+ .json class list), the exported learner <save_loc>.pkl, the CSV log and
+the training curves.
 """
 from pathlib import Path
 
@@ -28,6 +29,11 @@ lr_find = False                 # also run fastai's lr_find: saves its plot and 
 workers = None                  # data loader processes (default: one per core on a GPU, none on CPU)
 cache_size = None               # files path: decode + resize every image once to this shorter side, e.g. 258
 memory_budget = None            # GB the presized images may hold in memory (None: automatic; 0: read files)
+monitor = "accuracy"            # validation score that picks the best epoch: accuracy, balanced_accuracy, macro_f1
+balance = "none"                # imbalanced classes: none, inverse / sqrt (class-weighted loss), sampler
+resume = False                  # continue the interrupted run <save_loc> from models/<save_loc>.last.pth
+keep_last = False               # keep models/<save_loc>.last.pth when the run ends (it is removed otherwise)
+onnx = True                     # also export models/<save_loc>.onnx, checked against fastai (README: Deploying)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -47,18 +53,25 @@ def main(path_folder: Path = path_folder,        # formatted dataset: train/ val
          lr_find: bool = lr_find,                 # run fastai's lr_find first: plot + suggestion, lr unchanged
          workers: int = workers,                  # data loader processes (default: one per core on a GPU, none on CPU)
          cache_size: int = cache_size,            # when not in memory: read a cache resized once to this shorter side
-         memory_budget: float = memory_budget):   # GB for presized images in memory (GPU, else RAM); 0: read files
+         memory_budget: float = memory_budget,    # GB for presized images in memory (GPU, else RAM); 0: read files
+         monitor: str = monitor,                  # best epoch by: accuracy, balanced_accuracy or macro_f1
+         balance: str = balance,                  # none, inverse or sqrt (class-weighted loss), sampler (equal draws)
+         resume: bool = resume,                   # continue the interrupted run from its last-epoch checkpoint
+         keep_last: bool = keep_last,             # keep the last-epoch checkpoint when the run ends
+         onnx: bool = onnx):                      # also export <save_loc>.onnx for ONNX Runtime (--no-onnx: off)
     "Train a ResNet50 on a formatted Pap-smear dataset; save the best weights and export the learner."
     with user_errors():
         result = learner.train_r50(path_folder, save_loc=save_loc, model_path=model_path, export_path=export_path,
                            epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, pretrained=pretrained,
                            pretrained_weights=pretrained_weights, seed=seed, lr_find=lr_find, workers=workers,
-                           cache_size=cache_size, recipe=recipe, memory_budget=memory_budget)
+                           cache_size=cache_size, recipe=recipe, memory_budget=memory_budget, monitor=monitor,
+                           balance=balance, resume=resume, keep_last=keep_last, onnx=onnx)
         if not is_main_process():
             return
         print(result["scores"].round(4).to_string())
         print(result["leak_check"])
-        for key in ("weights", "classes", "export", "log", "curves"):
-            print(f"{key:>8}: {result[key]}")
+        for key in ("weights", "classes", "export", "onnx", "log", "curves"):
+            if result[key]:
+                print(f"{key:>8}: {result[key]}")
         print(f"Next: evaluate with Inference_FastAI.py --model-path {result['export']} "
               f"--test-dataset-path {Path(path_folder) / 'test'}")

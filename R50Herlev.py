@@ -31,6 +31,11 @@ seed = 42
 workers = None                                     # data loader processes (default: one per core on a GPU, none on CPU)
 cache_size = None                                  # when not in memory: a cache resized once to this side
 memory_budget = None                               # GB for presized images in memory (None: automatic; 0: off)
+monitor = "accuracy"                               # best epoch by: accuracy, balanced_accuracy or macro_f1
+balance = "none"                                   # none, inverse / sqrt (class-weighted loss), sampler
+resume = False                                     # continue the interrupted stage; finished stages are not redone
+keep_last = False                                  # keep each stage's last-epoch checkpoint when it ends
+onnx = True                                        # also export each stage's model as .onnx (README: Deploying)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -53,7 +58,12 @@ def main(previous_model_DA: Path = previous_model_DA,          # R50.py's .pth t
          workers: int = workers,                               # loader processes (default: 1 per core on GPU, 0 on CPU)
          cache_size: int = cache_size,                         # when not in memory: a cache resized once to this side
          recipe: str = recipe,                                 # original or modern (augmentation, loss, schedule)
-         memory_budget: float = memory_budget):                # GB for presized images held in memory; 0: off
+         memory_budget: float = memory_budget,                 # GB for presized images held in memory; 0: off
+         monitor: str = monitor,                               # best epoch by: accuracy, balanced_accuracy, macro_f1
+         balance: str = balance,                               # none, inverse, sqrt (weighted loss), sampler
+         resume: bool = resume,                                # continue the interrupted stage from its checkpoint
+         keep_last: bool = keep_last,                          # keep each stage's last-epoch checkpoint
+         onnx: bool = onnx):                                   # also export .onnx files (--no-onnx: off)
     "Triple Transfer Learning: Extended DA weights → Herlev (7 classes) → SIPaKMeD (5 classes)."
     with user_errors():
         results = TTLR50.triple_transfer(previous_model_DA, herlev_path, sipakmed_path,
@@ -63,7 +73,8 @@ def main(previous_model_DA: Path = previous_model_DA,          # R50.py's .pth t
                                   herlev_save_loc=herlev_save_loc, epochs=epochs, batch_size=batch_size, lr=lr,
                                   image_size=image_size, save_loc=save_loc, start_stage=start_stage, seed=seed,
                                   workers=workers, cache_size=cache_size, recipe=recipe,
-                                  memory_budget=memory_budget)
+                                  memory_budget=memory_budget, monitor=monitor, balance=balance, resume=resume,
+                                  keep_last=keep_last, onnx=onnx)
         if not is_main_process():
             return
         for stage, result in results.items():

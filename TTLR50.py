@@ -7,8 +7,11 @@ from pathlib import Path
 from fastai.torch_core import init_default
 from torch import nn
 
+from papsmear.balance import check_balance, check_monitor
+from papsmear.checkpoint import checkpoint_path, done_path, stage_finished
 from papsmear.data import check_formatted, pap_dls, recipe_settings
 from papsmear.files import UserError, check_file_name, user_path
+from papsmear.launch import is_main_process
 from papsmear.learner import (
     check_training_options,
     head_classes,
@@ -53,26 +56,35 @@ def load_weights_across_heads(learn, path, n_out=None):
 
 
 def ttl_stage(data_path, start_weights, save_loc=save_loc, epochs=epochs, batch_size=batch_size, lr=lr,
-              image_size=image_size, seed=42, workers=None, cache_size=None, recipe="original", memory_budget=None):
+              image_size=image_size, seed=42, workers=None, cache_size=None, recipe="original", memory_budget=None,
+              monitor="accuracy", balance="none", resume=False, keep_last=False, onnx=True):
     """One Triple Transfer Learning stage: start from `start_weights` (saved with any number of classes),
-    make the head fit the classes of `data_path`, train with `recipe`, then save and export under `save_loc`."""
+    make the head fit the classes of `data_path`, train with `recipe` (best epoch by `monitor`, imbalance
+    made up for by `balance`), then save and export under `save_loc`. With `resume` the stage continues from
+    its last-epoch checkpoint instead (`papsmear.checkpoint`)."""
     dls = pap_dls(data_path, image_size=image_size, batch_size=batch_size, seed=seed, workers=workers,
-                  cache_size=cache_size,
-                  recipe=recipe, memory_budget=memory_budget)
-    learn = pap_learner(dls, pretrained=False, path=data_path, recipe=recipe)
-    load_weights_across_heads(learn, start_weights)
+                  cache_size=cache_size, recipe=recipe, memory_budget=memory_budget, balance=balance)
+    learn = pap_learner(dls, pretrained=False, path=data_path, recipe=recipe, balance=balance)
+    if not resume:  # a resumed stage takes its weights from the checkpoint
+        load_weights_across_heads(learn, start_weights)
     return train_and_save(learn, epochs=epochs, lr=lr, save_loc=save_loc, image_size=image_size, recipe=recipe,
-                          start_weights=start_weights)
+                          start_weights=start_weights, monitor=monitor, balance=balance, resume=resume,
+                          keep_last=keep_last, onnx=onnx)
 
 
 def triple_transfer(previous_model_DA, herlev_path, sipakmed_path, current_classes_of_dataset=7,
                     output_classes_of_next_dataset=5, herlev_epochs=10, herlev_batch_size=5,
                     herlev_save_loc=herlev_save_loc, epochs=epochs, batch_size=batch_size, lr=lr,
                     image_size=image_size, save_loc=save_loc, start_stage=1, seed=42, workers=None,
-                    cache_size=None, recipe="original", memory_budget=None):
+                    cache_size=None, recipe="original", memory_budget=None, monitor="accuracy", balance="none",
+                    resume=False, keep_last=False, onnx=True):
     """Run the Herlev stage (unless start_stage is 2) and the SIPaKMeD stage, each with `recipe`'s
-    augmentation, loss and schedule (the numbers given here stay); returns each stage's summary."""
-    recipe_settings(recipe)  # an unknown recipe is refused before any work
+    augmentation, loss and schedule (the numbers given here stay), `monitor` and `balance`; returns each
+    stage's summary. With `resume`, a stage that finished (models/<save_loc>.done.json) is not run again and
+    the interrupted stage continues from its checkpoint."""
+    recipe_settings(recipe)  # an unknown recipe, monitor or balance is refused before any work
+    check_monitor(monitor)
+    check_balance(balance)
     if start_stage not in (1, 2):
         raise UserError(f"start_stage is {start_stage}; it must be 1 (Herlev, then SIPaKMeD) or 2")
     check_file_name(herlev_save_loc, "herlev_save_loc")
@@ -86,18 +98,35 @@ def triple_transfer(previous_model_DA, herlev_path, sipakmed_path, current_class
     herlev_path, sipakmed_path = user_path(herlev_path), user_path(sipakmed_path)
     herlev_weights = herlev_path / "models" / f"{herlev_save_loc}.pth"
     results = {}
-    if start_stage == 1:
-        if not Path(previous_model_DA).is_file():
+    common = dict(lr=lr, image_size=image_size, recipe=recipe, monitor=monitor, balance=balance)
+    outputs = dict(keep_last=keep_last, onnx=onnx)
+    herlev_models, sipakmed_models = herlev_path / "models", sipakmed_path / "models"
+    herlev_done = resume and start_stage == 1 and stage_finished(herlev_models, herlev_save_loc, dict(
+        data=str(herlev_path), epochs=herlev_epochs, batch_size=herlev_batch_size, **common))
+    if herlev_done and is_main_process():
+        print(f"Herlev stage: finished earlier ({done_path(herlev_models, herlev_save_loc)}), not run again")
+    if start_stage == 1 and not herlev_done:
+        resume_herlev = resume and checkpoint_path(herlev_models, herlev_save_loc).is_file()
+        if resume and not resume_herlev:
+            raise UserError(f"nothing to resume: the Herlev stage has no checkpoint "
+                            f"{checkpoint_path(herlev_models, herlev_save_loc)} and did not finish — run again "
+                            "without --resume")
+        if not resume_herlev and not Path(previous_model_DA).is_file():
             raise UserError(f"previous_model_DA {previous_model_DA} does not exist — train R50.py on the "
-                                   "Extended DA dataset first and point previous_model_DA to its .pth")
+                            "Extended DA dataset first and point previous_model_DA to its .pth")
         results["herlev"] = ttl_stage(herlev_path, previous_model_DA, save_loc=herlev_save_loc,
-                                             epochs=herlev_epochs, batch_size=herlev_batch_size, lr=lr,
-                                             image_size=image_size, seed=seed, workers=workers,
-                                             cache_size=cache_size, recipe=recipe, memory_budget=memory_budget)
+                                      epochs=herlev_epochs, batch_size=herlev_batch_size, seed=seed,
+                                      workers=workers, cache_size=cache_size, memory_budget=memory_budget,
+                                      resume=resume_herlev, **outputs, **common)
     elif not herlev_weights.is_file():
         raise UserError(f"start_stage 2 needs the Herlev stage's weights {herlev_weights} — run stage 1 first")
+    sipakmed_settings = dict(data=str(sipakmed_path), epochs=epochs, batch_size=batch_size, **common)
+    if resume and "herlev" not in results and stage_finished(sipakmed_models, save_loc, sipakmed_settings):
+        raise UserError(f"nothing to resume: both stages finished ({done_path(sipakmed_models, save_loc)}) — run "
+                        "again without --resume to train anew")
+    # A SIPaKMeD checkpoint continues only a run whose Herlev stage had finished before this one started.
+    resume_sipakmed = resume and "herlev" not in results and checkpoint_path(sipakmed_models, save_loc).is_file()
     results["sipakmed"] = ttl_stage(sipakmed_path, herlev_weights, save_loc=save_loc, epochs=epochs,
-                                           batch_size=batch_size, lr=lr, image_size=image_size, seed=seed,
-                                           workers=workers, cache_size=cache_size, recipe=recipe,
-                                           memory_budget=memory_budget)
+                                           batch_size=batch_size, seed=seed, workers=workers, cache_size=cache_size,
+                                           memory_budget=memory_budget, resume=resume_sipakmed, **outputs, **common)
     return results

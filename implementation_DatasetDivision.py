@@ -42,6 +42,8 @@ def main(path_dir: Path = path_dir,                # the raw dataset as download
             testing_size=testing_size, random_state=random_state, cropped=cropped, move=move, force=force,
             group_cells=group_cells)
         print(table.to_string())
+        for warning in division.small_split_warnings(table):
+            print(warning)
         if cropped:
             print("Divided by cluster image: the cells NNN_KK of one cluster image NNN are all in one split"
                   if group_cells else "Divided cell by cell (--no-group-cells): cells of one cluster image may "

@@ -1,12 +1,17 @@
-"""Accuracy of training recipes, measured as mean ± std over repeated runs: train each recipe on a formatted
-dataset for several seeds (optionally on k stratified, group-aware folds), evaluate every model on its test
-split with and without test-time augmentation, and print and write per-run rows and the summary.
+"""Accuracy of training setups (a recipe, how imbalance is made up for, which score picks the best epoch),
+measured as mean ± std over repeated runs: train each setup on a formatted dataset for several seeds
+(optionally on k stratified, group-aware folds), evaluate every model on its test split with and without
+test-time augmentation, and print and write per-run rows and the summary.
 
     python benchmarks/accuracy.py --path-folder ../herlev_formatted --recipes original modern --seeds 0 1 2
 
-Writes <out>/runs.csv (one row per run), <out>/summary.csv (mean, std per recipe) and <out>/accuracy.png.
+    python benchmarks/accuracy.py --path-folder ../herlev_formatted --balances none sampler \
+        --monitors accuracy balanced_accuracy --image-size 64 --seeds 0 1
+
+Writes <out>/runs.csv (one row per run), <out>/summary.csv (mean, std per setup) and <out>/accuracy.png.
 Rows are appended as runs finish, so a stopped benchmark keeps what it measured.
 """
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -16,18 +21,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pandas as pd  # noqa: E402
 from fastcore.script import call_parse  # noqa: E402
-from sklearn.metrics import accuracy_score, f1_score  # noqa: E402
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score  # noqa: E402
 from sklearn.model_selection import StratifiedGroupKFold  # noqa: E402
 
-from papsmear import data, figures, learner, predict  # noqa: E402
+from papsmear import balance as balancing  # noqa: E402
+from papsmear import checkpoint, data, figures, learner, predict  # noqa: E402
 from papsmear.division import read_split_csv  # noqa: E402
 from papsmear.files import SPLITS, UserError, is_augmentation, is_sample_image, source_stem, user_errors, user_path  # noqa: E402
 
-SCORES = ["accuracy", "accuracy_tta", "macro_f1", "macro_f1_tta"]
+SCORES = ["accuracy", "accuracy_tta", "balanced_accuracy", "balanced_accuracy_tta", "macro_f1", "macro_f1_tta"]
 
 
 def test_scores(learn, test_folder, batch_size=64):
-    "Accuracy and macro F1 of `learn` on a labelled test folder, plain and with test-time augmentation."
+    """Accuracy, balanced accuracy and macro F1 of `learn` on a labelled test folder, plain and with test-time
+    augmentation."""
     files, labels, _ = predict.list_inputs(test_folder)
     classes = list(map(str, learn.dls.vocab))
     truth = [classes.index(label) for label in labels]
@@ -35,6 +42,7 @@ def test_scores(learn, test_folder, batch_size=64):
     for suffix, tta in (("", False), ("_tta", True)):
         predicted = predict.predict_files(learn, files, batch_size, tta=tta).argmax(1)
         scores[f"accuracy{suffix}"] = accuracy_score(truth, predicted)
+        scores[f"balanced_accuracy{suffix}"] = balanced_accuracy_score(truth, predicted)
         scores[f"macro_f1{suffix}"] = f1_score(truth, predicted, average="macro")
     return scores
 
@@ -92,9 +100,20 @@ def check_fold_groups(path_folder, folds):
                                "lower --folds")
 
 
+def finished_runs(runs_csv):
+    "The rows of the runs an interrupted benchmark measured (none when it wrote no runs.csv)."
+    return pd.read_csv(runs_csv).to_dict("records") if runs_csv.is_file() else []
+
+
+def setup_name(recipe, balance, monitor):
+    "A setup's name in the tables: the recipe, and its balance and monitor when they are not the original's."
+    return " ".join([recipe, *([f"balance={balance}"] if balance != "none" else []),
+                     *([f"monitor={monitor}"] if monitor != "accuracy" else [])])
+
+
 def summarise(runs):
-    "Mean, std (sample, n-1) and number of runs of every score, per recipe, in the order first run."
-    grouped = runs.groupby("recipe", sort=False)[SCORES + ["seconds"]]
+    "Mean, std (sample, n-1) and number of runs of every score, per setup, in the order first run."
+    grouped = runs.groupby("setup", sort=False)[SCORES + ["seconds"]]
     table = grouped.agg(["mean", "std"])
     table.columns = [f"{score}_{stat}" for score, stat in table.columns]
     table.insert(0, "runs", grouped.size())
@@ -102,17 +121,17 @@ def summarise(runs):
 
 
 def plot_summary(runs, png):
-    "Per recipe: each run's test accuracy as a dot and the mean ± std as a bar with an error line."
+    "Per setup: each run's test accuracy as a dot and the mean ± std as a bar with an error line."
     summary = summarise(runs)
     fig, ax = figures.plt.subplots(figsize=(1.4 * len(summary) + 3, 4))
     x = range(len(summary))
     ax.bar(x, summary["accuracy_mean"], yerr=summary["accuracy_std"].fillna(0), color="#9ecae1", capsize=6)
-    for i, recipe in enumerate(summary.index):
-        ax.plot([i] * (runs.recipe == recipe).sum(), runs.loc[runs.recipe == recipe, "accuracy"], "ko", ms=4)
+    for i, setup in enumerate(summary.index):
+        ax.plot([i] * (runs.setup == setup).sum(), runs.loc[runs.setup == setup, "accuracy"], "ko", ms=4)
     ax.set_xticks(list(x), summary.index, rotation=20)
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
-    ax.set_title("test accuracy per recipe: runs (dots), mean ± std (bars)")
+    ax.set_title("test accuracy per setup: runs (dots), mean ± std (bars)")
     figures.save_figure(fig, png)
 
 
@@ -128,6 +147,10 @@ def format_summary(summary):
 def main(path_folder: Path = Path("data/herlev_formatted"),                     # formatted dataset
          # recipes to compare (modern-<ingredient>: modern without one ingredient)
          recipes: Annotated[list, {"nargs": "+", "type": str}] = ("original", "modern"),
+         # how training makes up for imbalanced classes: none, inverse, sqrt, sampler (each one a setup)
+         balances: Annotated[list, {"nargs": "+", "type": str}] = ("none",),
+         # validation scores that pick the best epoch: accuracy, balanced_accuracy, macro_f1 (each one a setup)
+         monitors: Annotated[list, {"nargs": "+", "type": str}] = ("accuracy",),
          seeds: Annotated[list, {"nargs": "+", "type": int}] = (0, 1, 2),       # one run per seed
          folds: int = 0,                          # 0: the division's own test split; k: k group-aware folds
          epochs: int = None,                      # default: each recipe's
@@ -136,13 +159,19 @@ def main(path_folder: Path = Path("data/herlev_formatted"),                     
          image_size: int = 224,                   # training image side in pixels
          workers: int = None,                     # data loader processes (default as R50.py)
          memory_budget: float = None,             # GB for presized images in memory (default as R50.py; 0: off)
+         resume: bool = False,                    # keep the runs in <out>/runs.csv; continue an interrupted one
          out: Path = None):                       # results folder (default: path_folder/models/accuracy)
-    "Train and test each recipe for each seed (and fold); print and write per-run scores and mean ± std."
+    """Train and test each setup (every recipe with every balance and monitor) for each seed (and fold); print
+    and write per-run scores and mean ± std."""
     with user_errors():
         # Every option is checked before the first run, so that a bad one never stops a benchmark half-way.
         path_folder = user_path(path_folder)
         for recipe in recipes:
             data.recipe_settings(recipe)
+        for balance in balances:
+            balancing.check_balance(balance)
+        for monitor in monitors:
+            balancing.check_monitor(monitor)
         check_folds(folds)
         learner.check_training_options("accuracy", epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
                                       workers=workers, memory_budget=memory_budget)
@@ -152,23 +181,28 @@ def main(path_folder: Path = Path("data/herlev_formatted"),                     
         out = user_path(out or path_folder / "models" / "accuracy")
         out.mkdir(parents=True, exist_ok=True)
         datasets = fold_datasets(path_folder, folds, seeds[0], out) if folds else [path_folder]
-        rows = []
-        for recipe in recipes:
-            for seed in seeds:
-                for fold, dataset in enumerate(datasets):
-                    start = time.perf_counter()
-                    result = learner.train_r50(dataset, save_loc=f"accuracy_{recipe}_seed{seed}", epochs=epochs,
-                                           batch_size=batch_size, lr=lr, image_size=image_size, pretrained=False,
-                                           seed=seed, workers=workers, recipe=recipe,
-                                           memory_budget=memory_budget)
-                    scores = test_scores(result["learner"], dataset / "test")
-                    rows.append(dict(recipe=recipe, seed=seed, fold=fold, **scores,
-                                     val_accuracy=result["scores"].loc["validation", "accuracy"],
-                                     seconds=round(time.perf_counter() - start, 1)))
-                    runs = pd.DataFrame(rows)
-                    runs.to_csv(out / "runs.csv", index=False)
-                    print(f"\n== {recipe} seed {seed} fold {fold}: test accuracy {scores['accuracy']:.4f} "
-                          f"(TTA {scores['accuracy_tta']:.4f}), macro F1 {scores['macro_f1']:.4f}", flush=True)
+        rows = finished_runs(out / "runs.csv") if resume else []
+        for recipe, balance, monitor in itertools.product(recipes, balances, monitors):
+            setup = setup_name(recipe, balance, monitor)
+            for seed, (fold, dataset) in itertools.product(seeds, enumerate(datasets)):
+                if any((row["setup"], row["seed"], row["fold"]) == (setup, seed, fold) for row in rows):
+                    continue  # measured before the benchmark was interrupted
+                save_loc = f"accuracy_{setup.replace(' ', '_')}_seed{seed}"
+                start = time.perf_counter()
+                result = learner.train_r50(dataset, save_loc=save_loc, epochs=epochs, batch_size=batch_size, lr=lr,
+                                           image_size=image_size, pretrained=False, seed=seed, workers=workers,
+                                           recipe=recipe, memory_budget=memory_budget, monitor=monitor,
+                                           balance=balance, onnx=False, resume=resume and checkpoint.checkpoint_path(
+                                               dataset / "models", save_loc).is_file())
+                scores = test_scores(result["learner"], dataset / "test")
+                rows.append(dict(setup=setup, recipe=recipe, balance=balance, monitor=monitor, seed=seed, fold=fold,
+                                 **scores, val_accuracy=result["scores"].loc["validation", "accuracy"],
+                                 seconds=round(time.perf_counter() - start, 1)))
+                runs = pd.DataFrame(rows)
+                runs.to_csv(out / "runs.csv", index=False)
+                print(f"\n== {setup} seed {seed} fold {fold}: test accuracy {scores['accuracy']:.4f} "
+                      f"(TTA {scores['accuracy_tta']:.4f}), balanced accuracy {scores['balanced_accuracy']:.4f}, "
+                      f"macro F1 {scores['macro_f1']:.4f}", flush=True)
         summary = summarise(runs)
         summary.to_csv(out / "summary.csv")
         plot_summary(runs, out / "accuracy.png")

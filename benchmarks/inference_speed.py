@@ -2,7 +2,9 @@
 batch 16 and 64, with the same exported model on the same images, loaded as Inference_FastAI.py loads it
 (channels-last): fastai's loader with one worker per core (each worker decodes a whole batch) and
 Inference_FastAI.py's loader (each image decoded as its own task). Also the network alone on random tensors,
-contiguous and channels-last, to show what the memory layout is worth on this machine.
+contiguous and channels-last, to show what the memory layout is worth on this machine. Then the same
+model exported to ONNX and run by ONNX Runtime (CPU) beside PyTorch at each batch size (batch 1 included),
+end to end (decode, cut, predict) and the network alone on the same uint8 images.
 
 Every path runs once untimed (warm-up), then `repeats` times; the median is reported with the min–max.
 Run by hand (a GPU run: --n-images 192):
@@ -21,8 +23,9 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).
 from fastai.torch_core import default_device  # noqa: E402
 
 import synthetic_papsmear as demo  # noqa: E402
-from papsmear import data, learner, predict  # noqa: E402
+from papsmear import data, export, learner, predict  # noqa: E402
 from papsmear.files import available_cpus  # noqa: E402
+from papsmear.onnx_model import OnnxClassifier, image_batch  # noqa: E402
 from timing import repeated, spread  # noqa: E402
 
 
@@ -75,6 +78,48 @@ def measure(learn, files, batch_sizes, image_size, repeats):
     return rows, decoding, network
 
 
+def torch_on_uint8(learn, images):
+    "PyTorch's probabilities of a uint8 batch [n, s, s, 3], normalised as fastai does (the network alone)."
+    network = export.ImageInputModel(learn.model).eval()
+    with torch.inference_mode():
+        return network(torch.from_numpy(images)).numpy()
+
+
+def run_chunks(predict_batch, chunks):
+    "`predict_batch` on every chunk of images, in order."
+    return [predict_batch(chunk) for chunk in chunks]
+
+
+def measure_onnx(learn, onnx_model, files, batch_sizes, repeats):
+    """Rows (batch, PyTorch timing, ONNX Runtime timing, images predicted alike) end to end, and the same for
+    the network alone on the images already cut to the model's input."""
+    end_to_end, alone = [], []
+    images = image_batch(files, onnx_model.image_size)
+    for batch_size in batch_sizes:
+        *torch_timing, torch_probabilities = repeated(predict.predict_files, learn, files, batch_size, repeats=repeats)
+        *onnx_timing, onnx_probabilities = repeated(onnx_model.predict, files, batch_size, repeats=repeats)
+        agree = int((torch_probabilities.argmax(1) == onnx_probabilities.argmax(1)).sum())
+        end_to_end.append((batch_size, torch_timing, onnx_timing, agree))
+        chunks = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+        torch_alone = repeated(run_chunks, lambda c: torch_on_uint8(learn, c), chunks, repeats=repeats)[:3]
+        onnx_alone = repeated(run_chunks, onnx_model.probabilities, chunks, repeats=repeats)[:3]
+        alone.append((batch_size, torch_alone, onnx_alone, len(files)))
+    return end_to_end, alone
+
+
+def print_onnx(end_to_end, alone, n_files):
+    "The ONNX Runtime rows beside PyTorch's, as images per second and their ratio."
+    print(f"\nONNX Runtime (CPU) against PyTorch (CPU), the same {n_files} images and batches; median (min–max):")
+    print("what            | batch | PyTorch seconds    | ONNX Runtime seconds | PyTorch img/s | ORT img/s | "
+          "ORT / PyTorch | same class")
+    for label, rows in (("end to end", end_to_end), ("network alone", alone)):
+        for batch_size, torch_timing, onnx_timing, extra in rows:
+            same = f"{extra}/{n_files}" if label == "end to end" else "-"
+            print(f"{label:15} | {batch_size:5} | {spread(*torch_timing):18} | {spread(*onnx_timing):20} | "
+                  f"{n_files / torch_timing[0]:13.2f} | {n_files / onnx_timing[0]:9.2f} | "
+                  f"{torch_timing[0] / onnx_timing[0]:13.2f} | {same}")
+
+
 def export_untrained_model(folder, image_size):
     "A ResNet50 learner exported from a formatted demo folder (speed does not depend on the weights)."
     dls = data.pap_dls(folder, image_size, batch_size=5, workers=0, memory_budget=0)
@@ -89,6 +134,7 @@ def main(n_images: int = 40,     # test images (spread over the 5 classes)
          height: int = 1536,     # image height (real: 1536)
          image_size: int = 224,  # model input side, as in training
          batch_sizes: Annotated[list, {"nargs": "+", "type": int}] = (16, 64),  # batches of the batched paths
+         onnx_batch_sizes: Annotated[list, {"nargs": "+", "type": int}] = (1, 16, 64),  # batches, ONNX vs PyTorch
          repeats: int = 3):      # timed runs of each path after its warm-up; the median is reported
     """Print seconds and images/s of the per-image loop and of both batched loaders at each batch size, how
     long each loader takes to decode the images alone, and the network alone in both memory layouts."""
@@ -106,6 +152,10 @@ def main(n_images: int = 40,     # test images (spread over the 5 classes)
         learn, _ = predict.load_classifier(export_untrained_model(folder, image_size), files)
         with learn.no_bar():
             rows, decoding, network = measure(learn, files, batch_sizes, image_size, repeats)
+            onnx_path, _, _ = export.export_onnx(learn, folder / "model.onnx", learn.dls.vocab, image_size=image_size,
+                                                 recipe="original", check_files=files)
+            end_to_end, alone = measure_onnx(learn, OnnxClassifier(onnx_path, threads=available_cpus()), files,
+                                             onnx_batch_sizes, repeats)
     print(f"{len(files)} images of {width}x{height} at {image_size}px, {available_cpus()} cores, "
           f"device {default_device()}; median of {repeats} runs after a warm-up (min–max)")
     print(f"{'path':34} | batch | seconds            | images/s | × loop | same class as the loop")
@@ -119,3 +169,4 @@ def main(n_images: int = 40,     # test images (spread over the 5 classes)
         for bs, per_worker, per_image in decoding))
     print(f"the network alone on {len(files)} random images, seconds: " + "; ".join(
         f"batch {bs} {name} {spread(*timing)}" for bs, name, timing in network))
+    print_onnx(end_to_end, alone, len(files))

@@ -185,7 +185,8 @@ def generate_single_cell(rng, style, size):
 
 
 def generate_herlev(root, n_images=15, size=80, seed=0, classes=HERLEV_CLASSES):
-    """Write a raw Herlev-shaped folder under `root` with `n_images` single-cell images per class.
+    """Write a raw Herlev-shaped folder under `root` with `n_images` single-cell images per class (an int), or
+    per named class (a dict: class → images, for imbalanced data).
 
     Layout, as the real smear2005 download: New database pictures/<class>/<id>.BMP, each with its
     segmentation mask <id>-d.bmp beside it (a mask is not a sample). Returns `root`.
@@ -194,7 +195,7 @@ def generate_herlev(root, n_images=15, size=80, seed=0, classes=HERLEV_CLASSES):
     for class_index, name in enumerate(classes):
         folder = root / HERLEV_SUBFOLDER / name
         folder.mkdir(parents=True, exist_ok=True)
-        for i in range(1, n_images + 1):
+        for i in range(1, (n_images[name] if isinstance(n_images, dict) else n_images) + 1):
             rng = np.random.default_rng([seed, 2, class_index, i])
             image, mask = generate_single_cell(rng, HERLEV_STYLES[name], size)
             stem = f"{rng.integers(10**8, 10**9)}-{rng.integers(10**8, 10**9)}-{i:03d}"

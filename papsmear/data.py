@@ -19,6 +19,7 @@ from fastai.vision.all import (
     imagenet_stats,
 )
 
+from papsmear.balance import balanced_loader, check_balance, class_counts
 from papsmear.files import (
     IMAGE_ERRORS,
     UserError,
@@ -130,13 +131,15 @@ def broken_images_error(files):
 
 
 def pap_dls(path_folder, image_size=IMAGE_SIZE, batch_size=10, seed=42, workers=None, cache_size=None,
-            recipe="original", memory_budget=None):
+            recipe="original", memory_budget=None, balance="none"):
     """DataLoaders over path_folder/train and path_folder/val (class sub-folders), built the same way for
     every script. The images are presized once and held in memory when they fit `memory_budget` (GB; None:
     automatic, 0: never; see `presize.memory_placement`); otherwise each epoch decodes the image files, or
     with `cache_size` the decoded-image cache. Refuses a batch larger than the training set, which would
     train no step at all, and a dataset whose splits share images (`papsmear.leaks.check_leaks`); the leak
-    check's line is kept as `dls.leak_check`."""
+    check's line is kept as `dls.leak_check`. With `balance` "sampler" the training loader draws each class
+    equally often (`papsmear.balance.balanced_loader`)."""
+    check_balance(balance)
     check_positive(image_size=image_size, batch_size=batch_size, cache_size=cache_size)
     check_batch_size(batch_size=batch_size)
     check_not_negative(workers=workers, memory_budget=memory_budget)
@@ -173,10 +176,14 @@ def pap_dls(path_folder, image_size=IMAGE_SIZE, batch_size=10, seed=42, workers=
                           path=dls.path, device=dls.device)
     elif cache_size:
         dls = folder_dls(rank0_first_or_fail(build_cache, path_folder, cache_size, files=files))
+    if balance == "sampler":
+        dls = DataLoaders(balanced_loader(dls.train, class_counts(dls)), *dls.loaders[1:], path=dls.path,
+                          device=dls.device)
     if is_main_process():
         print(f"data: {len(dls.train_ds)} train / {len(dls.valid_ds)} val images, "
               + (f"presized to {image_size} px and held in memory ({describe_stores(dls.loaders)})"
-                 if placement else f"decoded from {'the cache' if cache_size else 'their files'} every epoch"))
+                 if placement else f"decoded from {'the cache' if cache_size else 'their files'} every epoch")
+              + ("; each class drawn equally often" if balance == "sampler" else ""))
     dls.leak_check = leak_check
     return dls
 

@@ -228,6 +228,19 @@ def summary_table(samples, skipped, rows):
     return table[columns]
 
 
+MIN_EVALUATION_IMAGES = 5  # fewer validation or test images of a class than this make its scores mostly noise
+
+
+def small_split_warnings(table):
+    """One line per class of a division's summary table that has fewer than `MIN_EVALUATION_IMAGES` images in
+    val or test, saying what each split gives it."""
+    classes = table.drop(index="total")
+    return [f"warning: class {name} gets {row['train']} train, {row['val']} val and {row['test']} test image(s); "
+            f"fewer than {MIN_EVALUATION_IMAGES} in val or test make its scores there mostly noise — collect more "
+            "images of it, or raise --validation-size / --testing-size"
+            for name, row in classes.iterrows() if min(row["val"], row["test"]) < MIN_EVALUATION_IMAGES]
+
+
 def divide_dataset(path_dir, output_dir, training_size=0.6, validation_size=0.2, testing_size=0.2,
                    random_state=42, cropped=False, move=False, force=False, progress=True, group_cells=True):
     """Divide the raw dataset in `path_dir` into `output_dir`/{train,val,test}/<class>; with `cropped` and

@@ -18,6 +18,24 @@ from sklearn.metrics import f1_score, fbeta_score
 from torch import nn
 from torchvision.models import ResNet50_Weights, resnet50
 
+from papsmear.balance import (
+    balanced_accuracy,
+    check_balance,
+    check_monitor,
+    class_counts,
+    class_weights,
+    imbalance_note,
+    macro_f1,
+)
+from papsmear.checkpoint import (
+    LastEpochCheckpoint,
+    check_same_settings,
+    checkpoint_path,
+    done_path,
+    load_checkpoint,
+    read_checkpoint,
+    write_done,
+)
 from papsmear.data import (
     IMAGE_SIZE,
     broken_images_error,
@@ -26,6 +44,7 @@ from papsmear.data import (
     pap_dls,
     recipe_settings,
 )
+from papsmear.export import CHECK_IMAGES, export_onnx
 from papsmear.figures import plt, save_figure
 from papsmear.files import (
     IMAGE_ERRORS,
@@ -42,10 +61,13 @@ DOWNLOAD_TIMEOUT = 60  # seconds without an answer before the ImageNet download 
 
 
 def pap_metrics():
-    """Accuracy, weighted F-beta with beta=2 (what the original's fastai-v1 `FBeta(average='weighted')`
-    computed) and weighted F1. All three gather every process's predictions before computing, so that on
-    several processes they score the whole validation set, as on one."""
+    """Accuracy, balanced accuracy (mean per-class recall), macro F1, weighted F-beta with beta=2 (what the
+    original's fastai-v1 `FBeta(average='weighted')` computed) and weighted F1. All of them gather every
+    process's predictions before computing, so that on several processes they score the whole validation
+    set, as on one."""
     return [AccumMetric(accuracy, flatten=False, name="accuracy"),
+            skm_to_fastai(balanced_accuracy, name="balanced_accuracy"),
+            skm_to_fastai(macro_f1, name="macro_f1"),
             skm_to_fastai(fbeta_score, beta=2, average="weighted", name="f2_weighted"),
             skm_to_fastai(f1_score, average="weighted", name="f1_weighted")]
 
@@ -94,18 +116,25 @@ def load_body_weights(learn, pretrained_weights):
     learn.model[0].load_state_dict(body.state_dict())
 
 
-def pap_learner(dls, pretrained=False, pretrained_weights=None, n_out=None, path=None, recipe="original"):
+def pap_learner(dls, pretrained=False, pretrained_weights=None, n_out=None, path=None, recipe="original",
+                balance="none"):
     """A fastai ResNet50 learner for `dls` with the project's metrics, on the best device, with the recipe's
-    loss (label smoothing or not) and weight decay.
+    loss (label smoothing or not) and weight decay; with `balance` "inverse" or "sqrt" the loss weighs each
+    class by `papsmear.balance.class_weights` of the training split's counts.
 
     `pretrained` downloads (or reuses) the ImageNet weights; `pretrained_weights` loads a local file
     instead. On CUDA the learner trains in mixed precision and channels-last.
     """
     settings = recipe_settings(recipe)
+    check_balance(balance)
     if pretrained and not pretrained_weights:
         ensure_imagenet_weights()
-    loss = (LabelSmoothingCrossEntropyFlat(eps=settings["label_smoothing"]) if settings["label_smoothing"]
-            else CrossEntropyLossFlat())
+    weight = None
+    if balance in ("inverse", "sqrt"):
+        # On the loss's device: the weights multiply the network's outputs there.
+        weight = torch.tensor(class_weights(class_counts(dls), balance), dtype=torch.float32, device=dls.device)
+    loss = (LabelSmoothingCrossEntropyFlat(eps=settings["label_smoothing"], weight=weight)
+            if settings["label_smoothing"] else CrossEntropyLossFlat(weight=weight))
     # An absolute path: fastai joins it with file names (the CSV log's among them) that may already hold it.
     learn = vision_learner(dls, resnet50, pretrained=pretrained and not pretrained_weights, n_out=n_out,
                            loss_func=loss, metrics=pap_metrics(), wd=settings["wd"],
@@ -165,10 +194,10 @@ def load_weights(learn, path):
     return learn
 
 
-def write_class_list(learn, weights, image_size):
-    """Write <weights>.json beside a `.pth`: the class names in output order and the image size, so that the
-    weights can be used without the export."""
-    info = dict(classes=list(map(str, learn.dls.vocab)), image_size=image_size, arch="resnet50")
+def write_class_list(learn, weights, image_size, recipe):
+    """Write <weights>.json beside a `.pth`: the class names in output order, the image size and the training
+    recipe, so that the weights can be used (and exported to ONNX) without the fastai export."""
+    info = dict(classes=list(map(str, learn.dls.vocab)), image_size=image_size, arch="resnet50", recipe=recipe)
     with atomic_output(Path(weights).with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(info, indent=2))
 
@@ -178,8 +207,8 @@ def plot_training(log_csv, png):
     log = pd.read_csv(log_csv)
     fig, (losses, metrics) = plt.subplots(1, 2, figsize=(11, 4))
     log.plot(x="epoch", y=["train_loss", "valid_loss"], ax=losses, marker="o", title="loss")
-    log.plot(x="epoch", y=["accuracy", "f2_weighted", "f1_weighted"], ax=metrics, marker="o",
-             title="validation metrics", ylim=(0, 1.02))
+    log.plot(x="epoch", y=[m for m in log.columns if m not in ("epoch", "train_loss", "valid_loss", "time")],
+             ax=metrics, marker="o", title="validation metrics", ylim=(0, 1.02))
     return save_figure(fig, png)
 
 
@@ -213,28 +242,59 @@ def fit_recipe(learn, epochs, lr, cbs, recipe="original"):
         raise broken_images_error([*learn.dls.train_ds.items, *learn.dls.valid_ds.items]) from None
 
 
-def best_epoch_keeper(learn, save_loc, start_weights=None):
-    """fastai's `SaveModelCallback` keeping the best epoch by validation accuracy aside, in
+def best_epoch_keeper(learn, save_loc, start_weights=None, monitor="accuracy"):
+    """fastai's `SaveModelCallback` keeping the best epoch by the validation score `monitor` aside, in
     models/.<save_loc>.running.pth, so that the run's earlier weights stay until it ends. A run that starts
     from its own weights (`start_weights` is models/<save_loc>.pth) keeps them unless an epoch beats their
-    validation accuracy."""
+    score."""
+    check_monitor(monitor)
     models = Path(learn.path) / learn.model_dir
-    keeper = SaveModelCallback(monitor="accuracy", fname=f".{save_loc}.running", reset_on_fit=False)
+    keeper = SaveModelCallback(monitor=monitor, fname=f".{save_loc}.running", reset_on_fit=False)
     own = models / f"{save_loc}.pth"
     if start_weights is not None and own.exists() and Path(user_path(start_weights)).samefile(own):
-        keeper.best = float(learn.validate()[1])  # [loss, accuracy, ...]
+        scores = learn.validate()  # [loss, *metrics]
+        keeper.best = float(scores[1 + [m.name for m in learn.metrics].index(monitor)])
         if is_main_process():
             shutil.copy2(own, models / f".{save_loc}.running.pth")
-            print(f"starting from {own} (validation accuracy {keeper.best:.4f}): it stays unless an epoch beats it")
+            print(f"starting from {own} (validation {monitor} {keeper.best:.4f}): it stays unless an epoch beats it")
     return keeper
 
 
+def run_settings(learn, epochs, lr, image_size, recipe, monitor, balance):
+    "What a resumed run must share with the interrupted one (`papsmear.checkpoint.RESUME_SETTINGS`)."
+    return dict(data=str(learn.path), classes=list(map(str, learn.dls.vocab)), epochs=epochs,
+                batch_size=learn.dls.bs, lr=lr, image_size=image_size, recipe=recipe, monitor=monitor, balance=balance)
+
+
+def resume_point(learn, models, save_loc, settings):
+    """The last-epoch checkpoint of the interrupted run `save_loc`, loaded into `learn`: refused when there
+    is none, when its settings differ, or when the interrupted run's best epoch is missing."""
+    path = checkpoint_path(models, save_loc)
+    checkpoint = read_checkpoint(path)
+    check_same_settings(checkpoint["settings"], settings, path)
+    best = models / f".{save_loc}.running.pth"
+    if not best.is_file():
+        raise UserError(f"the interrupted run's best epoch {best} is missing, so resuming could not keep it — run "
+                        "again without --resume")
+    load_checkpoint(learn, checkpoint)
+    if is_main_process():
+        print(f"resuming {save_loc} after epoch {checkpoint['epoch'] + 1} of {settings['epochs']} from {path} "
+              f"(best validation {settings['monitor']} so far {checkpoint['best']:.4f})")
+    return checkpoint
+
+
 def train_and_save(learn, epochs, lr, save_loc, export_path=None, image_size=IMAGE_SIZE, recipe="original",
-                   start_weights=None):
-    """Train the whole network with the recipe's schedule, keep the epoch with the best validation accuracy,
+                   start_weights=None, monitor="accuracy", balance="none", resume=False, keep_last=False, onnx=True):
+    """Train the whole network with the recipe's schedule, keep the epoch with the best validation `monitor`
+    (a score of `papsmear.balance.MONITORS`; `balance` is how the learner and data make up for imbalance),
     save its weights (.pth + class list .json), export the learner (.pkl), and write the CSV log and curves.
     The best weights and the log are written aside while training (`best_epoch_keeper`) and take the place
     of a previous run's only once it ends, so a killed run leaves the previous outputs as they were.
+
+    After every epoch the run writes models/<save_loc>.last.pth (`papsmear.checkpoint`); `resume` continues
+    from it. It is removed at the end unless `keep_last`, and models/<save_loc>.done.json records the end.
+    With `onnx`, the kept model is also exported to models/<save_loc>.onnx and checked against fastai
+    (`papsmear.export`).
 
     Returns a dict of the files written, the final validation/training scores and the leak check's line."""
     models = Path(learn.path) / learn.model_dir
@@ -245,23 +305,45 @@ def train_and_save(learn, epochs, lr, save_loc, export_path=None, image_size=IMA
     running_log = models / f".{save_loc}_log.running.csv"
     curves = models / f"{save_loc}_curves.png"
     learn.unfreeze()
-    keeper = best_epoch_keeper(learn, save_loc, start_weights)
+    settings = run_settings(learn, epochs=epochs, lr=lr, image_size=image_size, recipe=recipe, monitor=monitor,
+                            balance=balance)
+    resume_from = resume_point(learn, models, save_loc, settings) if resume else None
+    if not resume and is_main_process():
+        done_path(models, save_loc).unlink(missing_ok=True)  # a new run: an earlier end no longer counts
+    keeper = best_epoch_keeper(learn, save_loc, start_weights=None if resume else start_weights, monitor=monitor)
+    note = imbalance_note(class_counts(learn.dls), list(map(str, learn.dls.vocab)), balance=balance, monitor=monitor)
     if is_main_process():
-        print(f"training {save_loc}: recipe {recipe}, {epochs} epochs, {describe_batches(learn.dls.bs, lr)}")
-    # fastai saves the best epoch's weights from rank 0 only; the log, the exports and the pictures too.
-    cbs = [keeper] + ([CSVLogger(fname=running_log)] if is_main_process() else [])
-    fit_recipe(learn, epochs=epochs, lr=lr, cbs=cbs, recipe=recipe)
+        print(f"training {save_loc}: recipe {recipe}, {epochs} epochs, {describe_batches(learn.dls.bs, lr)}, "
+              f"best epoch by validation {monitor}, balance {balance}")
+        if note:
+            print(note)
+    last = checkpoint_path(models, save_loc)
+    # fastai saves the best epoch's weights from rank 0 only; the log, the checkpoint, the exports and the
+    # pictures too.
+    cbs = [keeper, LastEpochCheckpoint(last, settings=settings, keeper=keeper, resume_from=resume_from)]
+    fit_recipe(learn, epochs=epochs, lr=lr, cbs=cbs + ([CSVLogger(fname=running_log)] if is_main_process() else []),
+               recipe=recipe)
     # SaveModelCallback wrote the best epoch's weights (no optimiser: loadable with weights_only) and every
     # process has loaded them back; writing them again could race with a process still reading.
     if is_main_process():
         os.replace(models / f".{save_loc}.running.pth", weights)
         os.replace(running_log, log)
-        write_class_list(learn, weights, image_size)
+        write_class_list(learn, weights, image_size, recipe)
         export_atomically(learn, export_path)
+        if onnx:
+            onnx_path, difference, seconds = export_onnx(learn, weights.with_suffix(".onnx"), learn.dls.vocab,
+                                                         image_size=image_size, recipe=recipe,
+                                                         check_files=learn.dls.valid_ds.items)
+            print(f"ONNX export {onnx_path}: ONNX Runtime agrees with fastai within {difference:.1e} on "
+                  f"{min(CHECK_IMAGES, len(learn.dls.valid_ds))} validation images ({seconds:.0f} s)")
         plot_training(log, curves)
+        write_done(models, save_loc, settings)
+        if not keep_last:
+            last.unlink(missing_ok=True)
     distrib_barrier()  # the other processes go on (to a next TTL stage, say) once the files are complete
     return dict(weights=weights, classes=weights.with_suffix(".json"), export=export_path, log=log,
-                curves=curves, scores=evaluate(learn), learner=learn, leak_check=learn.dls.leak_check)
+                curves=curves, scores=evaluate(learn), learner=learn, leak_check=learn.dls.leak_check,
+                checkpoint=last if keep_last else None, onnx=weights.with_suffix(".onnx") if onnx else None)
 
 
 def check_training_options(save_loc, **numbers):
@@ -283,24 +365,32 @@ def find_lr(learn, png):
 
 def train_r50(path_folder, save_loc="resnet50", model_path=None, export_path=None, epochs=None, batch_size=None,
               lr=None, image_size=IMAGE_SIZE, pretrained=True, pretrained_weights=None, seed=42, lr_find=False,
-              workers=None, cache_size=None, recipe="original", memory_budget=None):
-    """Build, optionally resume, train with `recipe` (epochs, batch_size and lr left None take the recipe's),
-    save and export; returns `train_and_save`'s summary."""
+              workers=None, cache_size=None, recipe="original", memory_budget=None, monitor="accuracy",
+              balance="none", resume=False, keep_last=False, onnx=True):
+    """Build, optionally start from weights (or `resume` the interrupted run `save_loc`), train with `recipe`
+    (epochs, batch_size and lr left None take the recipe's), save and export; returns `train_and_save`'s
+    summary."""
     settings = recipe_settings(recipe)
     epochs, batch_size, lr = (settings[k] if v is None else v
                               for k, v in dict(epochs=epochs, batch_size=batch_size, lr=lr).items())
     check_training_options(save_loc, epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
-                                  workers=workers, cache_size=cache_size, memory_budget=memory_budget)
+                           workers=workers, cache_size=cache_size, memory_budget=memory_budget)
+    check_monitor(monitor)
+    if resume and lr_find:
+        raise UserError("lr_find would change the weights and random state a resumed run continues from — "
+                        "drop --lr-find to resume")
     dls = pap_dls(path_folder, image_size, batch_size, seed=seed, workers=workers, cache_size=cache_size,
-                         recipe=recipe, memory_budget=memory_budget)
-    starts_from_file = model_path is not None
-    learn = pap_learner(dls, pretrained=pretrained and not starts_from_file, pretrained_weights=pretrained_weights,
-                        path=path_folder,
-                               recipe=recipe)
+                  recipe=recipe, memory_budget=memory_budget, balance=balance)
+    # A resumed run takes its weights from its checkpoint: nothing to download or load first.
+    starts_from_file = model_path is not None and not resume
+    learn = pap_learner(dls, pretrained=pretrained and not starts_from_file and not resume,
+                        pretrained_weights=None if resume else pretrained_weights, path=path_folder, recipe=recipe,
+                        balance=balance)
     if starts_from_file:
         load_weights(learn, model_path)
     if lr_find:
         png = Path(path_folder) / "models" / f"{save_loc}_lr_find.png"
         print(f"lr_find suggests lr = {find_lr(learn, png):.2e} (plot: {png}); training with lr = {lr:g}")
     return train_and_save(learn, epochs=epochs, lr=lr, save_loc=save_loc, export_path=export_path,
-                          image_size=image_size, recipe=recipe, start_weights=model_path)
+                          image_size=image_size, recipe=recipe, start_weights=model_path, monitor=monitor,
+                          balance=balance, resume=resume, keep_last=keep_last, onnx=onnx)

@@ -9,6 +9,7 @@ from papsmear.data import inference_dls
 from papsmear.files import SPLITS, UserError, is_sample_image, sample_images, unreadable_images, user_path
 from papsmear.leaks import check_leaks
 from papsmear.learner import head_classes, pap_learner, read_weights
+from papsmear.onnx_model import OnnxClassifier, is_onnx
 from papsmear.presize import parallel_decode
 
 
@@ -20,10 +21,14 @@ def prediction_dl(learn, files, batch_size=64):
 
 def load_classifier(model_path, files, batch_size=16):
     """(learner, class names) from an exported `.pkl`, or from `.pth` weights + their `.json` class list
-    (rebuilt by `pap_learner` and loaded with weights_only, so nothing is unpickled)."""
+    (rebuilt by `pap_learner` and loaded with weights_only, so nothing is unpickled); for an `.onnx` export,
+    an `OnnxClassifier` (ONNX Runtime) in the learner's place."""
     model_path = user_path(model_path)
     if not model_path.is_file():
         raise UserError(f"model_path {model_path} does not exist — train with R50.py or R50Herlev.py first")
+    if is_onnx(model_path):
+        classifier = OnnxClassifier(model_path)
+        return classifier, classifier.classes
     if model_path.suffix == ".pth":
         info = read_class_list(model_path.with_suffix(".json"))
         state = read_weights(model_path)
@@ -83,6 +88,23 @@ def list_inputs(test_dataset_path):
     return files, labels, left_out
 
 
+def list_tree(test_dataset_path):
+    """Every image under an unlabelled folder tree (e.g. patient/slide/field/*.png), sorted; a linked folder
+    that loops back is walked once."""
+    path = user_path(test_dataset_path)
+    files = sample_images(path)
+    if not files:
+        raise UserError(f"no images anywhere under {path} — set test_dataset_path to a folder tree holding cell "
+                        "images")
+    return files
+
+
+def is_unlabelled_tree(test_dataset_path, labels, classes, unlabelled=False):
+    """Whether a folder is predicted as an unlabelled tree: when asked (`unlabelled`), or when none of its
+    sub-folders is a class of the model."""
+    return user_path(test_dataset_path).is_dir() and (unlabelled or not set(labels) & set(classes))
+
+
 def drop_unreadable(files, labels, test_dataset_path):
     "(files, labels, skipped descriptions) without the files that cannot be decoded."
     broken = unreadable_images(files)
@@ -114,7 +136,13 @@ def check_classes(labels, classes, test_dataset_path):
 
 
 def predict_files(learn, files, batch_size=16, tta=False):
-    "Class probabilities of `files`, batched through fastai (test-time augmentation with `tta`)."
+    """Class probabilities of `files`, batched through fastai (test-time augmentation with `tta`), or through
+    ONNX Runtime for an `OnnxClassifier`."""
+    if isinstance(learn, OnnxClassifier):
+        if tta:
+            raise UserError("test-time augmentation needs fastai's transforms — give the .pth or .pkl beside the "
+                            ".onnx, or drop --tta")
+        return learn.predict(files, batch_size)
     dl = prediction_dl(learn, files, batch_size)
     probabilities = learn.tta(dl=dl)[0] if tta else learn.get_preds(dl=dl)[0]
     return probabilities.float().numpy()

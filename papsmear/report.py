@@ -29,6 +29,7 @@ from sklearn.metrics import (
 from torch import nn
 from tqdm import tqdm
 
+from papsmear.balance import balanced_accuracy
 from papsmear.figures import plt, save_figure
 from papsmear.files import (
     IMAGE_ERRORS,
@@ -39,11 +40,14 @@ from papsmear.files import (
     is_inside,
     user_path,
 )
+from papsmear.onnx_model import OnnxClassifier
 from papsmear.predict import (
     check_classes,
     check_split_leaks,
     drop_unreadable,
+    is_unlabelled_tree,
     list_inputs,
+    list_tree,
     load_classifier,
     predict_files,
 )
@@ -62,11 +66,13 @@ BOOTSTRAP_RANGE = (100, 100_000)  # fewer resamples give no 95% interval; more c
 
 
 def bootstrap_intervals(truth, predicted, n_classes, n_resamples=2000, seed=0, level=0.95):
-    """Accuracy, macro F1 and weighted F1 with percentile bootstrap intervals: the test images are
-    resampled with replacement `n_resamples` times (seeded), each score recomputed by scikit-learn."""
+    """Accuracy, balanced accuracy (mean recall of the classes in the resample), macro F1 and weighted F1
+    with percentile bootstrap intervals: the test images are resampled with replacement `n_resamples` times
+    (seeded), each score recomputed by scikit-learn."""
     truth, predicted = np.asarray(truth), np.asarray(predicted)
     labels = list(range(n_classes))
     scores = {"accuracy": accuracy_score,
+              "balanced_accuracy": balanced_accuracy,
               "macro_f1": lambda t, p: f1_score(t, p, labels=labels, average="macro", zero_division=0),
               "weighted_f1": lambda t, p: f1_score(t, p, labels=labels, average="weighted", zero_division=0)}
     rng, samples = np.random.default_rng(seed), {name: [] for name in scores}
@@ -102,6 +108,16 @@ def roc_per_class(truth, probabilities, classes):
                             tpr=tpr.tolist())
     defined = [c["auc"] for c in curves.values() if c["auc"] is not None]
     return curves, (float(np.mean(defined)) if defined else None)
+
+
+def folder_counts(table, classes):
+    """Per folder of an unlabelled tree: images, predictions per class and, for SIPaKMeD's classes, how many
+    were called abnormal."""
+    counts = pd.crosstab(table["folder"], table["predicted_class"]).reindex(columns=classes, fill_value=0)
+    counts.insert(0, "images", counts.sum(axis=1))
+    if sorted(classes) == sorted(SIPAKMED_GROUPS):
+        counts["abnormal"] = counts[[c for c in classes if SIPAKMED_GROUPS[c] == "abnormal"]].sum(axis=1)
+    return counts.reset_index()
 
 
 def abnormal_vs_normal(truth, probabilities, classes):
@@ -236,6 +252,8 @@ def gradcam_gallery(learn, files, truth, probabilities, classes, output_dir, n):
     (gallery entries, reason when skipped)."""
     if n <= 0:
         return [], "Grad-CAM turned off (gradcam = 0)"
+    if isinstance(learn, OnnxClassifier):
+        return [], "Grad-CAM skipped: it needs the PyTorch model's gradients — give the .pth or .pkl beside the .onnx"
     chosen = gradcam_selection(truth, probabilities, classes=classes, n=n)
     if not chosen:
         return [], None
@@ -302,15 +320,16 @@ def labelled_figures(truth, probabilities, classes, output_dir, n_resamples=2000
                 ece=ece, calibration_bins=bins)
 
 
-def write_report(learn, files, truth, probabilities, classes, summary, output_dir, gradcam=3):
-    """Grad-CAM gallery and report.html for one evaluation; `summary` is what metrics.json holds.
-    Returns (report path, reason Grad-CAM was skipped or None)."""
+def write_report(learn, files, truth, probabilities, classes, summary, output_dir, gradcam=3, folders=None):
+    """Grad-CAM gallery and report.html for one evaluation; `summary` is what metrics.json holds, `folders`
+    the counts per folder of an unlabelled tree. Returns (report path, reason Grad-CAM was skipped or None)."""
     output_dir = Path(output_dir)
     gallery, skipped = gradcam_gallery(learn, files, truth=truth, probabilities=probabilities, classes=classes,
                                        output_dir=output_dir, n=gradcam)
     plain = summary.get("plain")
     matrix = np.array(plain["confusion_matrix"]) if plain else None
     context = dict(summary=summary, plain=plain, classes=classes, gallery=gallery, gradcam_note=skipped,
+                   folders=None if folders is None else folders.to_dict("records"),
                    model_sha256=file_sha256(summary["model_path"]),
                    normalised=(matrix / np.maximum(matrix.sum(1, keepdims=True), 1)).tolist() if plain else None,
                    pictures={name: output_dir / f"{name}.png" for name in ("roc_curves", "calibration")
@@ -321,9 +340,15 @@ def write_report(learn, files, truth, probabilities, classes, summary, output_di
 
 
 def label_metrics(truth, predicted, classes):
-    "Accuracy, confusion matrix and sklearn's classification report (by class name) of integer labels."
+    """Accuracy, balanced accuracy, the majority-class baseline (the accuracy of a model that calls every image
+    the test set's most frequent class), confusion matrix and sklearn's classification report (by class name)
+    of integer labels."""
     labels = list(range(len(classes)))
+    majority = int(np.bincount(truth, minlength=len(classes)).argmax())
     return dict(accuracy=float(accuracy_score(truth, predicted)),
+                balanced_accuracy=float(balanced_accuracy(truth, predicted)),
+                majority_baseline={"class": classes[majority],
+                                   "accuracy": float(np.mean(np.asarray(truth) == majority))},
                 confusion_matrix=confusion_matrix(truth, predicted, labels=labels).tolist(),
                 report=classification_report(truth, predicted, labels=labels, target_names=classes,
                                              output_dict=True, zero_division=0),
@@ -355,10 +380,12 @@ def predictions_table(files, labels, runs, classes):
 
 
 def evaluate_folder(model_path, test_dataset_path, output_dir=None, batch_size=16, tta=False, gradcam=3,
-                    bootstrap=2000):
-    """Predict every image of `test_dataset_path` and write the reports. Returns a dict with the
-    predictions table, the model's classes, the metrics (labelled input), the skipped files, the
-    output folder and the HTML report."""
+                    bootstrap=2000, unlabelled=False):
+    """Predict every image of `test_dataset_path` and write the reports. A folder is walked as an unlabelled
+    tree when `unlabelled`, or when none of its sub-folders is a class of the model: each prediction keeps its
+    relative path, and folders.csv counts the predictions per folder. Returns a dict with the predictions
+    table, the model's classes, the metrics (labelled input), the folder counts (a tree), the skipped files,
+    the output folder and the HTML report."""
     check_positive(batch_size=batch_size)
     low, high = BOOTSTRAP_RANGE
     if not low <= bootstrap <= high:
@@ -375,6 +402,10 @@ def evaluate_folder(model_path, test_dataset_path, output_dir=None, batch_size=1
                                "would become test images — choose an output_dir outside it")
     output_dir.mkdir(parents=True, exist_ok=True)  # before the slow part: an unusable folder fails at once
     learn, classes = load_classifier(model_path, files, batch_size)
+    tree = is_unlabelled_tree(test_dataset_path, labels, classes, unlabelled=unlabelled)
+    if tree:
+        files, left_out = list_tree(test_dataset_path), []
+        labels = [None] * len(files)
     check_classes(labels, classes, test_dataset_path)
     skipped = []
     try:
@@ -386,10 +417,18 @@ def evaluate_folder(model_path, test_dataset_path, output_dir=None, batch_size=1
     if tta:
         runs["tta"] = predict_files(learn, files, batch_size, tta=True)
     table = predictions_table(files, labels, runs=runs, classes=classes)
+    folders = None
+    if tree:
+        relative = [Path(f).relative_to(test_folder) for f in files]
+        table.insert(1, "relative_path", [p.as_posix() for p in relative])
+        table.insert(2, "folder", [p.parent.as_posix() for p in relative])
+        folders = folder_counts(table, classes)
+        with atomic_output(output_dir / "folders.csv") as tmp:
+            folders.to_csv(tmp, index=False)
     with atomic_output(output_dir / "predictions.csv") as tmp:
         table.to_csv(tmp, index=False)
     result = dict(table=table, classes=classes, skipped=skipped, left_out=left_out, output_dir=output_dir,
-                  metrics={}, leak_check=leak_check)
+                  metrics={}, leak_check=leak_check, folders=folders)
     truth = None if labels[0] is None else [classes.index(label) for label in labels]
     if truth is not None:
         for name, probabilities in runs.items():
@@ -407,7 +446,7 @@ def evaluate_folder(model_path, test_dataset_path, output_dir=None, batch_size=1
         tmp.write_text(json.dumps(summary, indent=2))
     result["report"], result["gradcam_skipped"] = write_report(
         learn, files, truth=truth, probabilities=runs["plain"], classes=classes, summary=summary,
-        output_dir=output_dir, gradcam=gradcam)
+        output_dir=output_dir, gradcam=gradcam, folders=folders)
     return result
 
 
@@ -415,7 +454,9 @@ def print_report(result, classes):
     "What a reader wants on screen: accuracy, the confusion matrix with class names, the report."
     for name, metrics in result["metrics"].items():
         label = "test-time augmentation" if name == "tta" else "predictions"
-        print(f"\n== {label}: accuracy {metrics['accuracy']:.4f}")
+        baseline = metrics["majority_baseline"]
+        print(f"\n== {label}: accuracy {metrics['accuracy']:.4f}, balanced accuracy {metrics['balanced_accuracy']:.4f} "
+              f"(majority-class baseline {baseline['accuracy']:.4f}: every image called {baseline['class']})")
         for key, figure in metrics.get("intervals", {}).items():
             print(f"   {key.replace('_', ' ')} {figure['value']:.4f} (95% CI {figure['low']:.4f}–{figure['high']:.4f})")
         if "macro_auc" in metrics:

@@ -98,8 +98,11 @@ def test_corrupt_image_is_listed_skipped_and_exit_code_is_1(trained, formatted, 
 
 
 def test_class_names_must_match_the_model(trained, formatted, tmp_path):
+    # Class folders of the model beside one that is not: a labelled test set with a class the model lacks.
+    test = shutil.copytree(formatted / "sipakmed" / "test", tmp_path / "test")
+    shutil.copytree(formatted / "herlev" / "test" / "normal_superficiel", test / "normal_superficiel")
     result = run_script("Inference_FastAI.py", "--model-path", trained[0] / "models" / "tiny.pkl",
-                        "--test-dataset-path", formatted / "herlev" / "test", "--output-dir", tmp_path)
+                        "--test-dataset-path", test, "--output-dir", tmp_path / "out")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "'normal_superficiel'" in result.stderr and "'Parabasal'" in result.stderr
 

@@ -117,17 +117,20 @@ def test_modern_recipe_trains_with_its_loss_schedule_and_mixup(formatted, tmp_pa
 
 def test_accuracy_benchmark_summary_is_the_mean_of_its_runs(formatted, tmp_path):
     path = shutil.copytree(formatted / "herlev", tmp_path / "herlev")
-    args = ["--path-folder", path, "--recipes", "original", "modern-mixup", "--seeds", 0, 1, "--epochs", 1,
-            "--batch-size", 8, "--image-size", 32, "--workers", 0, "--out", tmp_path / "acc"]
+    args = ["--path-folder", path, "--recipes", "original", "--balances", "sampler", "--monitors",
+            "balanced_accuracy", "--seeds", 0, 1, "--epochs", 1, "--batch-size", 8, "--image-size", 32, "--workers", 0,
+            "--out", tmp_path / "acc"]
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), *map(str, args)],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     runs = pd.read_csv(tmp_path / "acc" / "runs.csv")
-    summary = pd.read_csv(tmp_path / "acc" / "summary.csv", index_col="recipe")
-    assert runs.groupby("recipe").size().to_dict() == {"original": 2, "modern-mixup": 2}
-    for recipe, group in runs.groupby("recipe"):
-        for score in ("accuracy", "accuracy_tta", "macro_f1", "macro_f1_tta"):
-            assert summary.loc[recipe, f"{score}_mean"] == pytest.approx(group[score].mean())
-            assert summary.loc[recipe, f"{score}_std"] == pytest.approx(group[score].std(ddof=1), nan_ok=True)
+    summary = pd.read_csv(tmp_path / "acc" / "summary.csv", index_col="setup")
+    setup = "original balance=sampler monitor=balanced_accuracy"
+    assert runs.groupby("setup").size().to_dict() == {setup: 2}
+    assert "balance sampler" in result.stdout and "best epoch by validation balanced_accuracy" in result.stdout
+    for setup, group in runs.groupby("setup"):
+        for score in ("accuracy", "accuracy_tta", "balanced_accuracy", "macro_f1", "macro_f1_tta"):
+            assert summary.loc[setup, f"{score}_mean"] == pytest.approx(group[score].mean())
+            assert summary.loc[setup, f"{score}_std"] == pytest.approx(group[score].std(ddof=1), nan_ok=True)
     assert (tmp_path / "acc" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
-    assert f"{100 * summary.loc['original', 'accuracy_mean']:.1f} ±" in result.stdout
+    assert f"{100 * summary.loc[setup, 'accuracy_mean']:.1f} ±" in result.stdout

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 from fastai.callback.data import WeightedDL
-from sklearn.metrics import f1_score, recall_score
+from sklearn.metrics import recall_score
 
 from papsmear.files import UserError
 from papsmear.presize import PresizedDL
@@ -25,11 +25,6 @@ def balanced_accuracy(truth, predicted):
     """Mean recall over the classes present in `truth` (scikit-learn's balanced accuracy), without its
     warning when a batch of predictions holds a class the truth lacks."""
     return recall_score(truth, predicted, labels=np.unique(truth), average="macro", zero_division=0)
-
-
-def macro_f1(truth, predicted):
-    "Unweighted mean F1 over the classes found in `truth` or `predicted`."
-    return f1_score(truth, predicted, average="macro", zero_division=0)
 
 
 def check_monitor(monitor):

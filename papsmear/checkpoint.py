@@ -43,7 +43,12 @@ def random_states(learn):
     return dict(python=random.getstate(), numpy=[kind, keys.tolist(), position, has_gauss, cached],
                 torch=torch.get_rng_state(),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                loaders=[dl.rng.getstate() for dl in learn.dls.loaders])
+                loaders=[loader_rng(dl).getstate() for dl in learn.dls.loaders])
+
+
+def loader_rng(dl):
+    "The random generator of a data loader, or of the one a distributed loader wraps (under a launcher)."
+    return getattr(dl, "dl", dl).rng
 
 
 def restore_random_states(learn, states):
@@ -55,7 +60,7 @@ def restore_random_states(learn, states):
     if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
     for dl, state in zip(learn.dls.loaders, states["loaders"], strict=True):
-        dl.rng.setstate(_as_tuples(state))
+        loader_rng(dl).setstate(_as_tuples(state))
 
 
 def plain_values(value):

@@ -40,7 +40,7 @@ def printed_validation_accuracy(stdout):
 
 def test_two_processes_write_each_file_once_and_report_the_whole_validation_set(formatted, tmp_path):
     path = shutil.copytree(formatted / "herlev", tmp_path / "herlev")
-    result = launch("R50.py", "--path-folder", path, "--save-loc", "ddp", "--epochs", 2, "--batch-size", 8,
+    result = launch("R50.py", "--no-onnx", "--path-folder", path, "--save-loc", "ddp", "--epochs", 2, "--batch-size", 8,
                     "--image-size", 32, "--no-pretrained", "--workers", 0)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 processes × batch 8 = effective batch 16, lr 0.001 as given" in result.stdout
@@ -64,7 +64,8 @@ def test_a_ttl_stage_on_two_processes_ends_with_one_final_model(trained, formatt
     for name in ("herlev", "sipakmed"):
         shutil.copytree(formatted / name, tmp_path / name)
     shutil.copy(trained[0] / "models" / "tiny.pth", tmp_path / "herlev" / "models" / "resnet50_ttl_herlev.pth")
-    result = launch("R50Herlev.py", "--herlev-path", tmp_path / "herlev", "--sipakmed-path", tmp_path / "sipakmed",
+    result = launch("R50Herlev.py", "--no-onnx", "--herlev-path", tmp_path / "herlev", "--sipakmed-path",
+                    tmp_path / "sipakmed",
                     "--start-stage", 2, "--epochs", 1, "--batch-size", 8, "--image-size", 32, "--workers", 0)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("Final model:") == 1

@@ -94,7 +94,8 @@ def test_a_decompression_bomb_is_named_and_skipped_in_prediction_and_refused_in_
     assert "20 images predicted, 1 skipped" in predicted.stdout
     (sipakmed_copy / "test" / "Parabasal" / "bomb.png").rename(sipakmed_copy / "train" / "Parabasal" / "bomb.png")
     for budget in (0, 1):  # reading the files every epoch, and presized in memory
-        trained_run = run_in(tmp_path, "R50.py", "--path-folder", "sipakmed", "--epochs", 1, "--image-size", 32,
+        trained_run = run_in(tmp_path, "R50.py", "--no-onnx", "--path-folder", "sipakmed", "--epochs", 1,
+                             "--image-size", 32,
                              "--no-pretrained", "--memory-budget", budget)
         assert trained_run.returncode == 2 and "Traceback" not in trained_run.stderr, trained_run.stderr[-2000:]
         assert "bomb.png" in last_line(trained_run.stderr) and "DecompressionBombError" in last_line(trained_run.stderr)
@@ -138,7 +139,7 @@ def test_bootstrap_out_of_range_is_refused_before_predicting(trained, formatted,
 
 
 def test_a_batch_of_one_image_is_refused_before_training(sipakmed_copy, tmp_path):
-    result = run_in(tmp_path, "R50.py", "--path-folder", "sipakmed", "--batch-size", 1, "--image-size", 32)
+    result = run_in(tmp_path, "R50.py", "--no-onnx", "--path-folder", "sipakmed", "--batch-size", 1, "--image-size", 32)
     assert result.returncode == 2
     assert last_line(result.stderr) == ("error: batch_size is 1; training needs at least 2 images per batch "
                                         "(BatchNorm normalises over the batch) — set --batch-size 2 or more")
@@ -177,7 +178,8 @@ def test_cells_are_grouped_by_cluster_number_not_by_its_spelling():
 def test_under_a_launcher_one_process_prints_the_error_and_all_stop(sipakmed_copy, tmp_path):
     test_image = sorted((sipakmed_copy / "test" / "Parabasal").iterdir())[0]
     shutil.copy(test_image, sipakmed_copy / "train" / "Parabasal" / "c.bmp")
-    result = launch("R50.py", "--path-folder", sipakmed_copy, "--epochs", 1, "--image-size", 32, "--no-pretrained")
+    result = launch("R50.py", "--no-onnx", "--path-folder", sipakmed_copy, "--epochs", 1, "--image-size", 32,
+                    "--no-pretrained")
     assert result.returncode != 0
     assert result.stderr.count("error: leak check: 1 image(s)") == 1, result.stderr[-3000:]
     assert "internal error" not in result.stderr and not list((sipakmed_copy / "models").iterdir())
@@ -187,7 +189,7 @@ def test_a_broken_first_training_image_is_named_on_every_data_path(sipakmed_copy
     first = sorted((sipakmed_copy / "train").rglob("*.bmp"))[0]
     first.write_bytes(first.read_bytes()[:200])  # a truncated BMP: its header reads, its pixels do not
     for budget in (0, 1):  # reading the files (fastai opens the first image while it builds the loaders), in memory
-        result = run_in(tmp_path, "R50.py", "--path-folder", "sipakmed", "--epochs", 1, "--image-size", 32,
+        result = run_in(tmp_path, "R50.py", "--no-onnx", "--path-folder", "sipakmed", "--epochs", 1, "--image-size", 32,
                         "--no-pretrained", "--memory-budget", budget)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
         assert first.name in last_line(result.stderr), last_line(result.stderr)

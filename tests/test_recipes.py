@@ -100,7 +100,8 @@ def test_modern_recipe_trains_with_its_loss_schedule_and_mixup(formatted, tmp_pa
     monkeypatch.setattr(Learner, "fit_flat_cos", spy)
     path = tmp_path / "herlev"
     shutil.copytree(formatted / "herlev", path)
-    result = learner.train_r50(path, save_loc="modern", epochs=2, batch_size=8, image_size=32, pretrained=False,
+    result = learner.train_r50(path, onnx=False, save_loc="modern", epochs=2, batch_size=8, image_size=32,
+                               pretrained=False,
                            workers=0, recipe="modern")
     learn = result["learner"]
     assert isinstance(learn.loss_func, LabelSmoothingCrossEntropyFlat) and learn.loss_func.eps == 0.1
@@ -110,7 +111,8 @@ def test_modern_recipe_trains_with_its_loss_schedule_and_mixup(formatted, tmp_pa
     alpha = data.RECIPES["modern"]["mixup"]
     assert [float(cb.distrib.concentration1) for cb in cbs if isinstance(cb, MixUp)] == [pytest.approx(alpha)]
     assert len(pd.read_csv(path / "models" / "modern_log.csv")) == 2
-    original = learner.train_r50(path, save_loc="plain", epochs=1, batch_size=8, image_size=32, pretrained=False,
+    original = learner.train_r50(path, onnx=False, save_loc="plain", epochs=1, batch_size=8, image_size=32,
+                                 pretrained=False,
                              workers=0)["learner"]
     assert isinstance(original.loss_func, CrossEntropyLossFlat) and len(fits) == 1  # one-cycle, no MixUp
 

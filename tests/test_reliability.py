@@ -84,9 +84,10 @@ def test_the_whole_procedure_runs_with_relative_paths_from_the_users_folder(tmp_
         ("implementation_DatasetDivision.py", "--path-dir", "data/herlev", "--output-dir", "data/herlev_formatted"),
         ("implementation_DataAugmentation_Extension.py", "--target-directory", "data/sipakmed_formatted",
          "--output-directory", "data/sipakmed_extended", "--n-augmentations", 2),
-        ("R50.py", "--path-folder", "data/sipakmed_extended", "--epochs", 1, "--batch-size", 8,
+        ("R50.py", "--no-onnx", "--path-folder", "data/sipakmed_extended", "--epochs", 1, "--batch-size", 8,
          "--image-size", 32, "--no-pretrained"),
-        ("R50Herlev.py", "--previous-model-da", "data/sipakmed_extended/models/resnet50.pth", "--herlev-path",
+        ("R50Herlev.py", "--no-onnx", "--previous-model-da", "data/sipakmed_extended/models/resnet50.pth",
+         "--herlev-path",
          "data/herlev_formatted", "--sipakmed-path", "data/sipakmed_formatted", "--herlev-epochs", 1,
          "--epochs", 1, "--image-size", 32),
         ("Inference_FastAI.py", "--model-path", "data/sipakmed_formatted/models/resnet50_ttl_sipakmed.pkl",
@@ -328,7 +329,8 @@ def test_data_that_cannot_train_is_refused_with_the_reason(formatted, tmp_path, 
 
 def test_export_path_in_a_new_folder_is_created(formatted, tmp_path):
     path = shutil.copytree(formatted / "herlev", tmp_path / "herlev")
-    result = learner.train_r50(path, save_loc="x", export_path=tmp_path / "new" / "folder" / "x.pkl", epochs=1,
+    result = learner.train_r50(path, onnx=False, save_loc="x", export_path=tmp_path / "new" / "folder" / "x.pkl",
+                               epochs=1,
                            batch_size=8, image_size=32, pretrained=False, workers=0)
     assert result["export"] == tmp_path / "new" / "folder" / "x.pkl" and result["export"].stat().st_size > 1000
 

@@ -11,7 +11,7 @@ import torch
 
 from conftest import ROOT, last_line, run_script
 
-TRAINING = ["--epochs", 5, "--batch-size", 8, "--lr", 0.01, "--image-size", 32, "--no-pretrained"]
+TRAINING = ["--epochs", 5, "--batch-size", 8, "--lr", 0.01, "--image-size", 32, "--no-pretrained", "--no-onnx"]
 
 # Runs a project script, killed with SIGKILL by the checkpoint callback: after writing the checkpoint of epoch
 # `after` (1-based) of the run whose name starts with `save_loc`, or in the middle of writing the one of epoch
@@ -91,7 +91,7 @@ def test_ttl_killed_in_its_second_stage_resumes_without_redoing_the_first(traine
     sipakmed = shutil.copytree(formatted / "sipakmed", tmp_path / "sipakmed")
     args = ["--previous-model-da", trained[0] / "models" / "tiny.pth", "--herlev-path", herlev, "--sipakmed-path",
             sipakmed, "--herlev-epochs", 1, "--herlev-batch-size", 8, "--epochs", 3, "--batch-size", 8,
-            "--image-size", 32]
+            "--image-size", 32, "--no-onnx"]
     # One SIPaKMeD epoch written (stage 2's first checkpoint), then killed.
     killed = killed_run(tmp_path, "after", 1, "R50Herlev.py", *args, "--keep-last", save_loc="resnet50_ttl_sipakmed")
     assert killed.returncode == -signal.SIGKILL

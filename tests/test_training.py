@@ -29,9 +29,10 @@ def test_r50_writes_weights_classes_export_log_and_curves(trained):
     assert result["weights"] == models / "tiny.pth" and result["export"] == models / "tiny.pkl"
     assert json.loads((models / "tiny.json").read_text()) == {
         "classes": ["Dyskeratotic", "Koilocytotic", "Metaplastic", "Parabasal", "Superficial-Intermediate"],
-        "image_size": IMAGE_SIZE, "arch": "resnet50"}
+        "image_size": IMAGE_SIZE, "arch": "resnet50", "recipe": "original"}
     log = pd.read_csv(models / "tiny_log.csv")
-    assert list(log.columns[:6]) == ["epoch", "train_loss", "valid_loss", "accuracy", "f2_weighted", "f1_weighted"]
+    assert list(log.columns[:8]) == ["epoch", "train_loss", "valid_loss", "accuracy", "balanced_accuracy", "macro_f1",
+                                     "f2_weighted", "f1_weighted"]
     assert len(log) == 4
     assert (models / "tiny_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -117,7 +118,7 @@ def test_the_swapped_head_is_initialised_as_fastai_does_and_differs_from_the_old
 
 def test_r50_refuses_a_model_path_with_another_head_from_the_command_line(trained, formatted, tmp_path):
     shutil.copytree(formatted / "herlev", tmp_path / "herlev")
-    result = run_script("R50.py", "--path-folder", tmp_path / "herlev", "--model-path",
+    result = run_script("R50.py", "--no-onnx", "--path-folder", tmp_path / "herlev", "--model-path",
                         trained[0] / "models" / "tiny.pth", "--epochs", 1, "--image-size", IMAGE_SIZE)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "has a 5-class head but the data has 7 classes" in result.stderr
@@ -128,21 +129,21 @@ def test_triple_transfer_learning_ends_with_a_5_class_model(trained, formatted, 
     for name in ("herlev", "sipakmed"):
         shutil.copytree(formatted / name, tmp_path / name)
     results = TTLR50.triple_transfer(trained[0] / "models" / "tiny.pth", tmp_path / "herlev",
-                                        tmp_path / "sipakmed", herlev_epochs=1, epochs=1, image_size=IMAGE_SIZE,
-                                        workers=0)
+                                     tmp_path / "sipakmed", herlev_epochs=1, epochs=1, image_size=IMAGE_SIZE,
+                                     workers=0, onnx=False)
     herlev_classes = json.loads((tmp_path / "herlev" / "models" / "resnet50_ttl_herlev.json").read_text())
     assert len(herlev_classes["classes"]) == 7
     final = load_learner(tmp_path / "sipakmed" / "models" / f"{TTLR50.save_loc}.pkl")
     assert list(final.dls.vocab) == json.loads(results["sipakmed"]["classes"].read_text())["classes"]
     assert final.model[1][-1].out_features == 5
     # Stage 2 alone restarts from the Herlev weights on disk.
-    again = TTLR50.triple_transfer(None, tmp_path / "herlev", tmp_path / "sipakmed", epochs=1,
+    again = TTLR50.triple_transfer(None, tmp_path / "herlev", tmp_path / "sipakmed", onnx=False, epochs=1,
                                       image_size=IMAGE_SIZE, start_stage=2, save_loc="again", workers=0)
     assert list(again) == ["sipakmed"] and (tmp_path / "sipakmed" / "models" / "again.pth").exists()
 
 
 def test_wrong_class_counts_are_refused_before_training(trained, formatted, tmp_path):
-    result = run_script("R50Herlev.py", "--previous-model-da", trained[0] / "models" / "tiny.pth",
+    result = run_script("R50Herlev.py", "--no-onnx", "--previous-model-da", trained[0] / "models" / "tiny.pth",
                         "--herlev-path", formatted / "sipakmed", "--sipakmed-path", formatted / "sipakmed")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith(f"error: {formatted / 'sipakmed'} has 5 classes")
@@ -194,7 +195,7 @@ def test_help_lists_every_variable():
 
 def test_lr_find_saves_its_plot_and_leaves_lr_as_set(formatted, tmp_path):
     path = shutil.copytree(formatted / "herlev", tmp_path / "herlev")
-    result = run_script("R50.py", "--path-folder", path, "--epochs", 1, "--image-size", 32, "--lr", 0.005,
+    result = run_script("R50.py", "--no-onnx", "--path-folder", path, "--epochs", 1, "--image-size", 32, "--lr", 0.005,
                         "--no-pretrained", "--lr-find", "--save-loc", "found")
     assert result.returncode == 0, result.stderr
     assert "lr_find suggests lr = " in result.stdout and "training with lr = 0.005" in result.stdout
@@ -206,7 +207,8 @@ def test_training_is_deterministic_by_seed(formatted, tmp_path):
     states = []
     for run in ("a", "b"):
         path = shutil.copytree(formatted / "herlev", tmp_path / run)
-        learner.train_r50(path, save_loc="seeded", epochs=1, batch_size=8, image_size=32, pretrained=False, workers=0)
+        learner.train_r50(path, onnx=False, save_loc="seeded", epochs=1, batch_size=8, image_size=32,
+                          pretrained=False, workers=0)
         states.append(torch.load(path / "models" / "seeded.pth", weights_only=True))
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

@@ -55,7 +55,7 @@ def test_extended_da_over_an_earlier_division_is_refused_or_rebuilt_and_never_tr
 def test_a_test_image_copied_into_train_stops_training_and_evaluation(sipakmed_copy, trained, tmp_path):
     test_image = sorted((sipakmed_copy / "test" / "Parabasal").iterdir())[0]
     shutil.copy(test_image, sipakmed_copy / "train" / "Koilocytotic" / "renamed copy.bmp")
-    result = run_in(tmp_path, "R50.py", "--path-folder", "sipakmed", "--epochs", 1, "--image-size", 32,
+    result = run_in(tmp_path, "R50.py", "--no-onnx", "--path-folder", "sipakmed", "--epochs", 1, "--image-size", 32,
                     "--no-pretrained")
     error = result.stderr.rstrip("\n").rsplit("\n", 1)[-1]  # after the leak check's progress bar
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -162,7 +162,7 @@ def test_a_rerun_from_its_own_weights_keeps_them_unless_an_epoch_beats_them(trai
     weights = path / "models" / "tiny.pth"
     before = weights.read_bytes()
     # lr 10 wrecks the model in one epoch: no epoch can beat the weights it started from.
-    result = learner.train_r50(path, save_loc="tiny", model_path=weights, epochs=1, batch_size=16, lr=10.0,
+    result = learner.train_r50(path, onnx=False, save_loc="tiny", model_path=weights, epochs=1, batch_size=16, lr=10.0,
                            image_size=48, pretrained=False, workers=0)
     assert weights.read_bytes() == before
     assert result["scores"].loc["validation", "accuracy"] == pytest.approx(
@@ -171,11 +171,12 @@ def test_a_rerun_from_its_own_weights_keeps_them_unless_an_epoch_beats_them(trai
 
 def test_a_killed_rerun_leaves_the_weights_it_started_from(formatted, tmp_path):
     path = shutil.copytree(formatted / "herlev", tmp_path / "herlev")
-    first = run_in(tmp_path, "R50.py", "--path-folder", "herlev", "--epochs", 1, "--image-size", 32,
+    first = run_in(tmp_path, "R50.py", "--no-onnx", "--path-folder", "herlev", "--epochs", 1, "--image-size", 32,
                    "--no-pretrained", "--save-loc", "mine")
     assert first.returncode == 0, first.stderr
     outputs = {name: (path / "models" / name).read_bytes() for name in ("mine.pth", "mine_log.csv", "mine.json")}
-    rerun = subprocess.Popen([sys.executable, "-u", str(ROOT / "R50.py"), "--path-folder", "herlev", "--epochs", "5",
+    rerun = subprocess.Popen([sys.executable, "-u", str(ROOT / "R50.py"), "--no-onnx", "--path-folder", "herlev",
+                              "--epochs", "5",
                               "--image-size", "32", "--lr", "0.01", "--save-loc", "mine",
                               "--model-path", "herlev/models/mine.pth"],
                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

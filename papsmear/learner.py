@@ -318,7 +318,7 @@ def train_and_save(learn, epochs, lr, save_loc, export_path=None, image_size=IMA
     note = imbalance_note(class_counts(learn.dls), list(map(str, learn.dls.vocab)), balance=balance, monitor=monitor)
     if is_main_process():
         print(f"training {save_loc}: recipe {recipe}, {epochs} epochs, {describe_batches(learn.dls.bs, lr)}, "
-              f"best epoch by validation {monitor}, balance {balance}")
+              f"kept epoch: best {monitor}, balance {balance}")
         if note:
             print(note)
     last = checkpoint_path(models, save_loc)

@@ -13,10 +13,12 @@ from papsmear.onnx_model import OnnxClassifier, is_onnx
 from papsmear.presize import parallel_decode
 
 
-def prediction_dl(learn, files, batch_size=64):
+def prediction_dl(learn, files, batch_size=64, decoders=None):
     """A loader of `files` for `learn`'s predictions, transformed as its validation images, each image decoded
-    by its own worker task (`presize.ParallelDecodeDL`), so every core works whatever the batch size."""
-    return parallel_decode(learn.dls.test_dl(files, bs=batch_size, num_workers=0))
+    by its own worker task (`presize.ParallelDecodeDL`, `decoders` processes; default one per core), so every
+    core works whatever the batch size; with `decoders` 0 the images are decoded in this process."""
+    dl = learn.dls.test_dl(files, bs=batch_size, num_workers=0)
+    return dl if decoders == 0 else parallel_decode(dl, decoders)
 
 
 def load_classifier(model_path, files, batch_size=16):
@@ -135,14 +137,14 @@ def check_classes(labels, classes, test_dataset_path):
                                f"{classes} — is this test set from the dataset the model was trained on?")
 
 
-def predict_files(learn, files, batch_size=16, tta=False):
-    """Class probabilities of `files`, batched through fastai (test-time augmentation with `tta`), or through
-    ONNX Runtime for an `OnnxClassifier`."""
+def predict_files(learn, files, batch_size=16, tta=False, decoders=None):
+    """Class probabilities of `files`, batched through fastai (test-time augmentation with `tta`; images
+    decoded by `prediction_dl`'s `decoders`), or through ONNX Runtime for an `OnnxClassifier`."""
     if isinstance(learn, OnnxClassifier):
         if tta:
             raise UserError("test-time augmentation needs fastai's transforms — give the .pth or .pkl beside the "
                             ".onnx, or drop --tta")
         return learn.predict(files, batch_size)
-    dl = prediction_dl(learn, files, batch_size)
+    dl = prediction_dl(learn, files, batch_size, decoders=decoders)
     probabilities = learn.tta(dl=dl)[0] if tta else learn.get_preds(dl=dl)[0]
     return probabilities.float().numpy()

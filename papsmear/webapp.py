@@ -101,28 +101,65 @@ def read_upload(data, limits):
 
 
 class Classifier:
-    """The model, loaded once, its classes and the lock that lets one prediction (with its Grad-CAM) run at a
-    time, so that concurrent requests never mix."""
+    """The model, loaded once, and its classes. Requests that arrive while a prediction runs wait in a queue;
+    the next one to hold the lock predicts every waiting request's images in one batch (and their Grad-CAM in
+    another), so concurrent uploads share the batched speed and each gets exactly its own answers."""
+    MAX_BATCH = 64  # images predicted together at most
+
     def __init__(self, model_path, workdir):
         placeholder = Path(workdir) / "placeholder.png"
         Image.new("RGB", (64, 64), (200, 200, 200)).save(placeholder)
         self.model_path = user_path(model_path)
         self.learn, self.classes = load_classifier(self.model_path, [placeholder])
-        self.lock = threading.Lock()
+        self.lock, self.queue_lock, self.queue = threading.Lock(), threading.Lock(), []
 
     def predict(self, files, gradcam=True):
         """(probabilities [n, classes], the images as the network saw them, their Grad-CAM overlays) of image
-        files, predicted in one batch; the last two are Nones without Grad-CAM (turned off, or an ONNX model)."""
-        with self.lock:
-            with self.learn.no_bar() if hasattr(self.learn, "no_bar") else nullcontext():
-                probabilities = predict_files(self.learn, files, batch_size=len(files))
-                maps = (gradcam_maps(self.learn, files, probabilities.argmax(1).tolist())
-                        if gradcam and not isinstance(self.learn, OnnxClassifier) else None)
-        if maps is None:
-            return probabilities, [None] * len(files), [None] * len(files)
-        seen = [(image * 255).astype(np.uint8) for image in maps[1]]
-        return probabilities, seen, [show_cam_on_image(image, heat, use_rgb=True) for heat, image in zip(*maps,
-                                                                                                        strict=True)]
+        files; the last two are Nones without Grad-CAM (turned off, or an ONNX model)."""
+        job = dict(files=list(files), gradcam=gradcam and not isinstance(self.learn, OnnxClassifier),
+                   done=threading.Event())
+        with self.queue_lock:
+            self.queue.append(job)
+        while not job["done"].is_set():
+            with self.lock:
+                with self.queue_lock:
+                    batch, size = [], 0
+                    while self.queue and (not batch or size + len(self.queue[0]["files"]) <= self.MAX_BATCH):
+                        batch.append(self.queue.pop(0))
+                        size += len(batch[-1]["files"])
+                try:
+                    self.run(batch)
+                except Exception as error:  # every waiting request hears of it, not only the one that ran it
+                    for waiting in batch:
+                        waiting.setdefault("error", error)
+                        waiting["done"].set()
+        if "error" in job:
+            raise job["error"]
+        return job["result"]
+
+    def run(self, jobs):
+        "Predict the files of `jobs` in one batch, their Grad-CAM in another, and hand each job its part."
+        files = [f for job in jobs for f in job["files"]]
+        with self.learn.no_bar() if hasattr(self.learn, "no_bar") else nullcontext():
+            # Decoded in this process: forking decoder processes from a server's threads is not safe.
+            probabilities = predict_files(self.learn, files, batch_size=len(files), decoders=0)
+            asked = [i for i, job in enumerate(jobs) for _ in job["files"] if job["gradcam"]]
+            wanted = [f for job in jobs if job["gradcam"] for f in job["files"]]
+            start = [sum(len(j["files"]) for j in jobs[:k]) for k in range(len(jobs))]
+            classes = [int(c) for k in sorted(set(asked)) for c in
+                       probabilities[start[k]:start[k] + len(jobs[k]["files"])].argmax(1)]
+            maps = gradcam_maps(self.learn, wanted, classes) if wanted else None
+        pictures = iter([] if maps is None else zip(*maps, strict=True))
+        for k, job in enumerate(jobs):
+            mine = probabilities[start[k]:start[k] + len(job["files"])]
+            if job["gradcam"] and maps is not None:
+                drawn = [next(pictures) for _ in job["files"]]
+                seen = [(image * 255).astype(np.uint8) for _, image in drawn]
+                overlays = [show_cam_on_image(image, heat, use_rgb=True) for heat, image in drawn]
+            else:
+                seen = overlays = [None] * len(job["files"])
+            job["result"] = (mine, seen, overlays)
+            job["done"].set()
 
 
 class Session:

@@ -46,7 +46,7 @@ def test_two_processes_write_each_file_once_and_report_the_whole_validation_set(
     assert "2 processes × batch 8 = effective batch 16, lr 0.001 as given" in result.stdout
     assert result.stdout.count("validation ") == 1 and result.stdout.count("Next: evaluate") == 1
     files = sorted(p.name for p in (path / "models").iterdir())
-    assert files == ["ddp.json", "ddp.pkl", "ddp.pth", "ddp_curves.png", "ddp_log.csv"]
+    assert files == ["ddp.done.json", "ddp.json", "ddp.pkl", "ddp.pth", "ddp_curves.png", "ddp_log.csv"]
     assert "held in memory" in result.stdout  # the default in-memory path, on each process
     cache = path / "cache" / "32px"  # presized once, by process 0, before the others read it
     assert len(list(cache.rglob("*.png"))) == len(list((path / "train").rglob("*.BMP"))) + len(
@@ -70,4 +70,5 @@ def test_a_ttl_stage_on_two_processes_ends_with_one_final_model(trained, formatt
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("Final model:") == 1
     final = sorted(p.name for p in (tmp_path / "sipakmed" / "models").iterdir())
-    assert final == [f"{TTLR50.save_loc}{suffix}" for suffix in (".json", ".pkl", ".pth", "_curves.png", "_log.csv")]
+    assert final == [f"{TTLR50.save_loc}{suffix}" for suffix in (".done.json", ".json", ".pkl", ".pth", "_curves.png",
+                                                              "_log.csv")]

@@ -129,7 +129,7 @@ def test_accuracy_benchmark_summary_is_the_mean_of_its_runs(formatted, tmp_path)
     summary = pd.read_csv(tmp_path / "acc" / "summary.csv", index_col="setup")
     setup = "original balance=sampler monitor=balanced_accuracy"
     assert runs.groupby("setup").size().to_dict() == {setup: 2}
-    assert "balance sampler" in result.stdout and "best epoch by validation balanced_accuracy" in result.stdout
+    assert "balance sampler" in result.stdout and "kept epoch: best balanced_accuracy" in result.stdout
     for setup, group in runs.groupby("setup"):
         for score in ("accuracy", "accuracy_tta", "balanced_accuracy", "macro_f1", "macro_f1_tta"):
             assert summary.loc[setup, f"{score}_mean"] == pytest.approx(group[score].mean())

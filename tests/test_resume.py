@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from conftest import ROOT, last_line, run_script
+from papsmear import learner
+from papsmear.files import UserError
 
 TRAINING = ["--epochs", 5, "--batch-size", 8, "--lr", 0.01, "--image-size", 32, "--no-pretrained", "--no-onnx"]
 
@@ -65,25 +67,27 @@ def test_a_killed_run_resumed_ends_as_the_uninterrupted_one(formatted, tmp_path)
     models = path / "models"
     straight = run_script("R50.py", "--path-folder", path, "--save-loc", "straight", *TRAINING)
     assert straight.returncode == 0, straight.stderr[-2000:]
-    for name, when, epoch in (("k1", "after", 1), ("k3", "during", 4)):
-        killed = killed_run(tmp_path, when, epoch, "R50.py", "--path-folder", path, "--save-loc", name, *TRAINING)
-        assert killed.returncode == -signal.SIGKILL
-        assert not (models / f"{name}.pth").exists() and (models / f"{name}.last.pth").is_file()
-        if name == "k3":  # killed while writing epoch 4's checkpoint: epoch 3's is the one left to resume from
-            changed = run_script("R50.py", "--path-folder", path, "--save-loc", name, *TRAINING[:4], "--lr", 0.02,
-                                 *TRAINING[6:], "--resume")
-            assert changed.returncode == 2 and "settings differ" in last_line(changed.stderr)
-            assert "lr 0.01 → 0.02" in last_line(changed.stderr)
-        resumed = run_script("R50.py", "--path-folder", path, "--save-loc", name, *TRAINING, "--resume")
-        assert resumed.returncode == 0, resumed.stderr[-2000:]
-        assert f"resuming {name} after epoch {min(epoch, 3)} of 5" in resumed.stdout
-        assert same_weights(models / "straight.pth", models / f"{name}.pth")
-        straight_log, resumed_log = (pd.read_csv(models / f"{n}_log.csv") for n in ("straight", name))
-        columns = [c for c in straight_log.columns if c != "time"]
-        assert straight_log[columns].to_numpy() == pytest.approx(resumed_log[columns].to_numpy(), abs=1e-6)
-        assert not (models / f"{name}.last.pth").exists() and (models / f"{name}.done.json").is_file()
-    again = run_script("R50.py", "--path-folder", path, "--save-loc", "k3", *TRAINING, "--resume")
-    assert again.returncode == 2 and "no checkpoint" in last_line(again.stderr)
+    run = ["R50.py", "--path-folder", path, "--save-loc", "resumed", *TRAINING]
+    # Killed after epoch 1; resumed and killed again while writing epoch 4's checkpoint (epoch 3's stays the
+    # one to resume from); resumed to the end.
+    assert killed_run(tmp_path, "after", 1, *run).returncode == -signal.SIGKILL
+    assert not (models / "resumed.pth").exists() and (models / "resumed.last.pth").is_file()
+    again = killed_run(tmp_path, "during", 4, *run, "--resume")
+    assert again.returncode == -signal.SIGKILL and "resuming resumed after epoch 1 of 5" in again.stdout
+    with pytest.raises(UserError, match="settings differ.*lr 0.01 → 0.02"):
+        learner.train_r50(path, save_loc="resumed", epochs=5, batch_size=8, lr=0.02, image_size=32,
+                          pretrained=False, onnx=False, resume=True)
+    resumed = run_script(*run, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming resumed after epoch 3 of 5" in resumed.stdout
+    assert same_weights(models / "straight.pth", models / "resumed.pth")
+    straight_log, resumed_log = (pd.read_csv(models / f"{n}_log.csv") for n in ("straight", "resumed"))
+    columns = [c for c in straight_log.columns if c != "time"]
+    assert straight_log[columns].to_numpy() == pytest.approx(resumed_log[columns].to_numpy(), abs=1e-6)
+    assert not (models / "resumed.last.pth").exists() and (models / "resumed.done.json").is_file()
+    with pytest.raises(UserError, match="no checkpoint"):
+        learner.train_r50(path, save_loc="resumed", epochs=5, batch_size=8, lr=0.01, image_size=32,
+                          pretrained=False, onnx=False, resume=True)
 
 
 def test_ttl_killed_in_its_second_stage_resumes_without_redoing_the_first(trained, formatted, tmp_path):

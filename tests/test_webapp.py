@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -53,6 +54,22 @@ def test_the_page_predicts_what_inference_predicts_and_loads_nothing_from_elsewh
         assert result["probabilities"] == pytest.approx({c: row[f"p_{c}"] for c in evaluation["classes"]}, abs=1e-5)
         assert result["abnormal"] == (row["predicted_class"] in ("Dyskeratotic", "Koilocytotic"))
         assert result["gradcam"].startswith("data:image/png;base64,")
+
+
+def test_concurrent_uploads_each_get_their_own_answers(served, formatted):
+    client, _ = served
+    session = client.app.state.session
+    images = sample_images(formatted / "sipakmed" / "test")[:12]
+    named = [(f"{p.parent.name}/{p.name}", p.read_bytes()) for p in images]  # names repeat across classes
+    alone = {name: session.add([(name, data)], gradcam=False)[0]["probabilities"] for name, data in named}
+    groups = [named[i::4] for i in range(4)]  # four requests of three images, sent at once
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda group: session.add(group, gradcam=group is groups[0]), groups))
+    for group, results in zip(groups, answers, strict=True):
+        assert [r["name"] for r in results] == [name for name, _ in group]
+        for result in results:
+            assert result["probabilities"] == pytest.approx(alone[result["name"]], abs=1e-5)
+            assert (result["gradcam"] is not None) == (group is groups[0])
 
 
 def test_limits_non_images_and_tokens_are_refused_with_a_message(trained, formatted, tmp_path):

@@ -28,13 +28,13 @@ def main(model_path: Path = model_path,      # .pth saved by R50.py / R50Herlev.
         from papsmear import export, predict  # after --help: torch loads only for real work
 
         model_path = user_path(model_path)
+        if model_path.suffix != ".pth" or not model_path.is_file():
+            raise UserError(f"{model_path} is not a .pth file — give the weights saved by R50.py or R50Herlev.py")
         check_folder = user_path(check_folder or model_path.parent.parent / "val")
         files = sample_images(check_folder) if check_folder.is_dir() else []
         if not files:
             raise UserError(f"no images in {check_folder} to check the export on — set --check-folder to a folder "
                             "of cell images (the dataset's val/ split is the default)")
-        if model_path.suffix != ".pth":
-            raise UserError(f"{model_path} is not a .pth — give the weights saved by R50.py or R50Herlev.py")
         learn, classes = predict.load_classifier(model_path, files)
         info = predict.read_class_list(model_path.with_suffix(".json"))
         path, difference, seconds = export.export_onnx(

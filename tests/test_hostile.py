@@ -88,7 +88,8 @@ def test_a_decompression_bomb_is_named_and_skipped_in_prediction_and_refused_in_
                                                                                         tmp_path):
     png_header_only(sipakmed_copy / "test" / "Parabasal" / "bomb.png", 20000, 10000)
     predicted = run_in(tmp_path, "Inference_FastAI.py", "--model-path", trained[0] / "models" / "tiny.pkl",
-                       "--test-dataset-path", "sipakmed/test", "--output-dir", "report", "--gradcam", 0)
+                       "--test-dataset-path", "sipakmed/test", "--output-dir", "report", "--gradcam", 0, "--bootstrap",
+                       100)
     assert predicted.returncode == 1, predicted.stderr[-2000:]
     assert "skipped unreadable image" in predicted.stdout and "bomb.png: DecompressionBombError" in predicted.stdout
     assert "20 images predicted, 1 skipped" in predicted.stdout

@@ -53,12 +53,14 @@ def test_onnx_runtime_agrees_with_fastai_on_the_test_split(trained, formatted, e
     assert (trained[0] / "models" / "tiny.onnx").is_file() and trained[1]["onnx"] == trained[0] / "models" / "tiny.onnx"
 
 
-def test_pkl_pth_and_onnx_predict_the_same_classes(trained, formatted, exported, tmp_path):
+def test_pkl_pth_and_onnx_predict_the_same(trained, formatted, exported, tmp_path):
     test = formatted / "sipakmed" / "test"
-    predicted = {}
+    predicted, tables = {}, {}
     for model in (trained[0] / "models" / "tiny.pkl", trained[0] / "models" / "tiny.pth"):
         result = reporting.evaluate_folder(model, test, output_dir=tmp_path / model.suffix, gradcam=0, bootstrap=100)
-        predicted[model.suffix] = list(result["table"]["predicted_class"])
+        predicted[model.suffix], tables[model.suffix] = list(result["table"]["predicted_class"]), result["table"]
+    probabilities = [f"p_{c}" for c in result["classes"]]
+    assert np.allclose(tables[".pkl"][probabilities], tables[".pth"][probabilities], atol=1e-5)
     cli = run_script("Inference_FastAI.py", "--model-path", exported[0], "--test-dataset-path", test,
                      "--output-dir", tmp_path / "onnx", "--bootstrap", 100)
     assert cli.returncode == 0, cli.stderr[-2000:]

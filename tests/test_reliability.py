@@ -376,7 +376,8 @@ def test_images_are_never_left_out_silently(raw_data, trained, formatted, tmp_pa
     test = shutil.copytree(formatted / "sipakmed" / "test", tmp_path / "test")
     shutil.copy(next((test / "Parabasal").iterdir()), test / "loose.bmp")
     result = run_in(tmp_path, "Inference_FastAI.py", "--model-path", trained[0] / "models" / "tiny.pkl",
-                    "--test-dataset-path", test, "--output-dir", tmp_path / "report", "--gradcam", 0)
+                    "--test-dataset-path", test, "--output-dir", tmp_path / "report", "--gradcam", 0,
+                    "--bootstrap", 100)
     assert "left out 1 image(s) lying beside the class folders" in result.stdout
     assert json.loads((tmp_path / "report" / "metrics.json").read_text())["left_out"] == [str(test / "loose.bmp")]
 

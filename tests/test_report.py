@@ -129,7 +129,8 @@ def test_no_labels_and_a_missing_class_are_reported_not_errors(trained, formatte
     test = shutil.copytree(formatted / "sipakmed" / "test", tmp_path / "test")
     shutil.rmtree(test / "Metaplastic")
     result = run_script("Inference_FastAI.py", "--model-path", trained[0] / "models" / "tiny.pkl",
-                        "--test-dataset-path", test, "--output-dir", tmp_path / "labelled", "--gradcam", 1)
+                        "--test-dataset-path", test, "--output-dir", tmp_path / "labelled", "--gradcam", 1,
+                        "--bootstrap", 100)
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((tmp_path / "labelled" / "metrics.json").read_text())
     assert metrics["plain"]["auc"]["Metaplastic"] is None and metrics["plain"]["macro_auc"] is not None
@@ -152,7 +153,7 @@ def test_a_model_without_a_convolutional_body_skips_gradcam_in_one_line(formatte
                     loss_func=CrossEntropyLossFlat())
     learn.export(tmp_path / "pooled.pkl")
     result = run_script("Inference_FastAI.py", "--model-path", tmp_path / "pooled.pkl", "--test-dataset-path",
-                        formatted / "sipakmed" / "test", "--output-dir", tmp_path / "out")
+                        formatted / "sipakmed" / "test", "--output-dir", tmp_path / "out", "--bootstrap", 100)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Grad-CAM skipped: the model has no convolutional body" in result.stdout
     assert (tmp_path / "out" / "report.html").exists() and not (tmp_path / "out" / "gradcam").exists()

@@ -94,10 +94,15 @@ def read_checkpoint(path):
     return checkpoint
 
 
+def setting_differences(recorded, current, names):
+    "'name recorded → current' for each of `names` whose recorded setting differs from the current one."
+    return [f"{name} {recorded.get(name)!r} → {current.get(name)!r}" for name in names
+            if recorded.get(name) != current.get(name)]
+
+
 def check_same_settings(saved, current, path):
     "Refuse to resume with settings that differ from the checkpoint's, naming each difference."
-    differences = [f"{name} {saved.get(name)!r} → {current.get(name)!r}" for name in RESUME_SETTINGS
-                   if saved.get(name) != current.get(name)]
+    differences = setting_differences(saved, current, RESUME_SETTINGS)
     if differences:
         raise UserError(f"cannot resume {path}: settings differ from the interrupted run's ({'; '.join(differences)})"
                         " — resume with the same settings, or run again without --resume")
@@ -126,8 +131,7 @@ def stage_finished(models, save_loc, expected):
     recorded = finished_settings(models, save_loc)
     if recorded is None:
         return False
-    differences = [f"{name} {recorded.get(name)!r}, now {value!r}" for name, value in expected.items()
-                   if recorded.get(name) != value]
+    differences = setting_differences(recorded, expected, expected)
     if differences:
         raise UserError(f"{done_path(models, save_loc)} records a run with other settings ({'; '.join(differences)})"
                         " — resume with the same settings, or run again without --resume")

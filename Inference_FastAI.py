@@ -12,8 +12,7 @@ from pathlib import Path
 
 from fastcore.script import call_parse
 
-from papsmear import report
-from papsmear.files import user_errors
+from papsmear.files import one_line_usage_errors, user_errors
 
 # --- edit these -----------------------------------------------------------------------------------
 model_path = Path("data/sipakmed_formatted/models/resnet50_ttl_sipakmed.pkl")  # .pkl export, or .pth + .json
@@ -25,7 +24,10 @@ gradcam = 3            # Grad-CAM overlays: misclassified images + this many mos
 bootstrap = 2000       # resamples of the test images for the 95% confidence intervals (seeded)
 unlabelled = False     # walk test_dataset_path as an unlabelled tree (patient/slide/field/...); also chosen
                        # when none of its sub-folders is a class of the model
+allow_trained_images = False  # report test images the model trained on as a warning instead of refusing them
 # ---------------------------------------------------------------------------------------------------
+
+one_line_usage_errors()
 
 
 @call_parse
@@ -36,11 +38,15 @@ def main(model_path: Path = model_path,                # .pkl export, or .pth we
          tta: bool = tta,                              # also report scores with test-time augmentation
          gradcam: int = gradcam,                       # Grad-CAM: wrong ones + N most/least sure per class (0: off)
          bootstrap: int = bootstrap,                   # resamples for the 95% bootstrap confidence intervals
-         unlabelled: bool = unlabelled):               # predict every image of a folder tree, grouped by folder
+         unlabelled: bool = unlabelled,                # predict every image of a folder tree, grouped by folder
+         allow_trained_images: bool = allow_trained_images):  # warn about test images the model trained on
     "Evaluate a trained Pap-smear classifier, or predict unlabelled images."
     with user_errors():
+        from papsmear import report  # after --help: torch loads only for real work
+
         result = report.evaluate_folder(model_path, test_dataset_path, output_dir=output_dir, batch_size=batch_size,
-                                        tta=tta, gradcam=gradcam, bootstrap=bootstrap, unlabelled=unlabelled)
+                                        tta=tta, gradcam=gradcam, bootstrap=bootstrap, unlabelled=unlabelled,
+                                        allow_trained_images=allow_trained_images)
         table = result["table"]
         if result["metrics"]:
             report.print_report(result, result["classes"])
@@ -53,9 +59,15 @@ def main(model_path: Path = model_path,                # .pkl export, or .pth we
         if result["left_out"]:
             print(f"left out {len(result['left_out'])} image(s) lying beside the class folders, not in one "
                   f"(e.g. {result['left_out'][0].name}): their class is unknown — move them into a class folder")
+        for note in result["tree_notes"]:
+            print(note)
         if result["gradcam_skipped"]:
             print(result["gradcam_skipped"])
+        if result["record"].abnormal_classes:
+            print(f"abnormal: {', '.join(result['record'].abnormal_classes)}; a cell is flagged abnormal when "
+                  f"{result['table']['abnormal_rule'].iloc[0]}")
         print(result["leak_check"])
+        print(result["model_check"])
         print(f"\n{len(table)} images predicted, {len(result['skipped'])} skipped; reports in {result['output_dir']}")
         print(f"report: {result['report']}")
         if result["skipped"]:

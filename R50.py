@@ -5,12 +5,11 @@ path_folder/models/<save_loc>.pth (+ .json class list), the exported learner <sa
 the training curves.
 """
 from pathlib import Path
+from typing import Annotated
 
 from fastcore.script import call_parse
 
-from papsmear import learner
-from papsmear.files import user_errors
-from papsmear.launch import is_main_process
+from papsmear.files import one_line_usage_errors, user_errors
 
 # --- edit these -----------------------------------------------------------------------------------
 path_folder = Path("data/sipakmed_formatted")  # formatted dataset: train/ val/ test/ models/
@@ -34,7 +33,13 @@ balance = "none"                # imbalanced classes: none, inverse / sqrt (clas
 resume = False                  # continue the interrupted run <save_loc> from models/<save_loc>.last.pth
 keep_last = False               # keep models/<save_loc>.last.pth when the run ends (it is removed otherwise)
 onnx = True                     # also export models/<save_loc>.onnx, checked against fastai (README: Deploying)
+int8 = False                    # also export models/<save_loc>.int8.onnx, checked against the float one (README: INT8)
+abnormal_classes = None         # screening: the abnormal classes (None: SIPaKMeD's or Herlev's grouping), e.g.
+normal_classes = None           # ["HSIL", "LSIL"]; or name the normal ones instead, whichever is shorter
+target_sensitivity = None       # operating point: the threshold on p(abnormal) reaching this sensitivity on val
 # ---------------------------------------------------------------------------------------------------
+
+one_line_usage_errors()
 
 
 @call_parse
@@ -58,19 +63,28 @@ def main(path_folder: Path = path_folder,        # formatted dataset: train/ val
          balance: str = balance,                  # none, inverse or sqrt (class-weighted loss), sampler (equal draws)
          resume: bool = resume,                   # continue the interrupted run from its last-epoch checkpoint
          keep_last: bool = keep_last,             # keep the last-epoch checkpoint when the run ends
-         onnx: bool = onnx):                      # also export <save_loc>.onnx for ONNX Runtime (--no-onnx: off)
+         onnx: bool = onnx,                       # also export <save_loc>.onnx for ONNX Runtime (--no-onnx: off)
+         int8: bool = int8,                       # also export <save_loc>.int8.onnx (INT8, checked against float)
+         abnormal_classes: Annotated[list, {"nargs": "+", "type": str}] = abnormal_classes,  # abnormal class names
+         normal_classes: Annotated[list, {"nargs": "+", "type": str}] = normal_classes,  # or: the normal ones
+         target_sensitivity: float = target_sensitivity):  # operating point on val: threshold reaching this
     "Train a ResNet50 on a formatted Pap-smear dataset; save the best weights and export the learner."
+    options = dict(locals())  # every option, as TrainingSettings names them
     with user_errors():
-        result = learner.train_r50(path_folder, save_loc=save_loc, model_path=model_path, export_path=export_path,
-                           epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, pretrained=pretrained,
-                           pretrained_weights=pretrained_weights, seed=seed, lr_find=lr_find, workers=workers,
-                           cache_size=cache_size, recipe=recipe, memory_budget=memory_budget, monitor=monitor,
-                           balance=balance, resume=resume, keep_last=keep_last, onnx=onnx)
+        from papsmear import learner  # after --help: torch loads only for real work
+        from papsmear.launch import is_main_process
+        from papsmear.record import TrainingSettings
+
+        result = learner.train_r50(TrainingSettings.from_options(options))
         if not is_main_process():
             return
         print(result["scores"].round(4).to_string())
         print(result["leak_check"])
-        for key in ("weights", "classes", "export", "onnx", "log", "curves"):
+        if result["record"].operating_point:
+            point = result["record"].operating_point
+            print(f"operating point: p(abnormal) ≥ {point['threshold']:.4f} reaches sensitivity "
+                  f"{point['sensitivity']:.3f} (specificity {point['specificity']:.3f}) on the validation split")
+        for key in ("weights", "classes", "export", "onnx", "int8", "log", "curves"):
             if result[key]:
                 print(f"{key:>8}: {result[key]}")
         print(f"Next: evaluate with Inference_FastAI.py --model-path {result['export']} "

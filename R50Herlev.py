@@ -4,12 +4,12 @@ trained on SIPaKMeD; the final weights and export go to sipakmed_path/models/<sa
 Every stage starts from weights on disk (never from the network), so this script works offline as it is.
 """
 from pathlib import Path
+from typing import Annotated
 
 from fastcore.script import call_parse
 
 import TTLR50
-from papsmear.files import user_errors
-from papsmear.launch import is_main_process
+from papsmear.files import one_line_usage_errors, user_errors
 
 # --- edit these -----------------------------------------------------------------------------------
 previous_model_DA = Path("data/sipakmed_extended/models/resnet50.pth")  # R50.py's weights on Extended DA
@@ -36,7 +36,13 @@ balance = "none"                                   # none, inverse / sqrt (class
 resume = False                                     # continue the interrupted stage; finished stages are not redone
 keep_last = False                                  # keep each stage's last-epoch checkpoint when it ends
 onnx = True                                        # also export each stage's model as .onnx (README: Deploying)
+int8 = False                                       # also export each stage's model as .int8.onnx (README: INT8)
+abnormal_classes = None                            # final model's abnormal classes (None: SIPaKMeD's grouping)
+normal_classes = None                              # or: its normal classes, whichever is shorter to name
+target_sensitivity = None                          # final model's operating point: this sensitivity on val
 # ---------------------------------------------------------------------------------------------------
+
+one_line_usage_errors()
 
 
 @call_parse
@@ -63,18 +69,17 @@ def main(previous_model_DA: Path = previous_model_DA,          # R50.py's .pth t
          balance: str = balance,                               # none, inverse, sqrt (weighted loss), sampler
          resume: bool = resume,                                # continue the interrupted stage from its checkpoint
          keep_last: bool = keep_last,                          # keep each stage's last-epoch checkpoint
-         onnx: bool = onnx):                                   # also export .onnx files (--no-onnx: off)
+         onnx: bool = onnx,                                    # also export .onnx files (--no-onnx: off)
+         int8: bool = int8,                                    # also export .int8.onnx files (checked against float)
+         abnormal_classes: Annotated[list, {"nargs": "+", "type": str}] = abnormal_classes,  # final abnormal classes
+         normal_classes: Annotated[list, {"nargs": "+", "type": str}] = normal_classes,  # or: the normal ones
+         target_sensitivity: float = target_sensitivity):      # final operating point on val: this sensitivity
     "Triple Transfer Learning: Extended DA weights → Herlev (7 classes) → SIPaKMeD (5 classes)."
+    options = dict(locals())  # every option, as triple_transfer names them
     with user_errors():
-        results = TTLR50.triple_transfer(previous_model_DA, herlev_path, sipakmed_path,
-                                  current_classes_of_dataset=current_classes_of_dataset,
-                                  output_classes_of_next_dataset=output_classes_of_next_dataset,
-                                  herlev_epochs=herlev_epochs, herlev_batch_size=herlev_batch_size,
-                                  herlev_save_loc=herlev_save_loc, epochs=epochs, batch_size=batch_size, lr=lr,
-                                  image_size=image_size, save_loc=save_loc, start_stage=start_stage, seed=seed,
-                                  workers=workers, cache_size=cache_size, recipe=recipe,
-                                  memory_budget=memory_budget, monitor=monitor, balance=balance, resume=resume,
-                                  keep_last=keep_last, onnx=onnx)
+        from papsmear.launch import is_main_process  # after --help: torch loads only for real work
+
+        results = TTLR50.triple_transfer(**options)
         if not is_main_process():
             return
         for stage, result in results.items():

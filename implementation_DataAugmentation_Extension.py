@@ -10,7 +10,7 @@ from typing import Annotated
 from fastcore.script import call_parse
 
 from papsmear import augment
-from papsmear.files import available_cpus, user_errors
+from papsmear.files import available_cpus, one_line_usage_errors, user_errors
 
 # --- edit these -----------------------------------------------------------------------------------
 target_directory = Path("data/sipakmed_formatted")  # class folders, or a formatted root (train/val/test)
@@ -22,6 +22,8 @@ splits = ["train"]           # formatted root: the splits to augment (val/test w
 output_format = None         # None: each source's own format; "jpg" (as the original) saves disk on BMP sources
 force = False                # output_directory: remove the copy's images that are not in target_directory
 # ---------------------------------------------------------------------------------------------------
+
+one_line_usage_errors()
 
 
 @call_parse

@@ -8,7 +8,7 @@ from pathlib import Path
 from fastcore.script import call_parse
 
 from papsmear import division
-from papsmear.files import user_errors
+from papsmear.files import one_line_usage_errors, user_errors
 
 # --- edit these -----------------------------------------------------------------------------------
 path_dir = Path("data/sipakmed")                # the raw dataset as downloaded (SIPaKMeD or Herlev)
@@ -21,7 +21,11 @@ cropped = False                                 # SIPaKMeD: divide the CROPPED s
 group_cells = True                              # with cropped: all cells of one cluster image go to one split
 move = False                                    # move the files out of path_dir instead of copying them
 force = False                                   # replace a different division already in output_dir
+conflicts = "refuse"                            # the same image under two classes: refuse, skip (leave all
+                                                # copies out) or keep (each in its class, all in one split)
 # ---------------------------------------------------------------------------------------------------
+
+one_line_usage_errors()
 
 
 @call_parse
@@ -34,14 +38,16 @@ def main(path_dir: Path = path_dir,                # the raw dataset as download
          cropped: bool = cropped,                  # SIPaKMeD: divide the CROPPED single-cell images instead
          group_cells: bool = group_cells,          # with cropped: each cluster image's cells in one split
          move: bool = move,                        # move the files out of path_dir instead of copying them
-         force: bool = force):                     # replace another division in output_dir, losing no image
+         force: bool = force,                      # replace another division in output_dir, losing no image
+         conflicts: str = conflicts):              # same image in two classes: refuse, skip or keep
     "Divide a raw SIPaKMeD or Herlev dataset into train/val/test per class, copying by default."
     with user_errors():
-        table, transferred = division.divide_dataset(
+        table, transferred, duplicates = division.divide_dataset(
             path_dir, output_dir, training_size=training_size, validation_size=validation_size,
             testing_size=testing_size, random_state=random_state, cropped=cropped, move=move, force=force,
-            group_cells=group_cells)
+            group_cells=group_cells, conflicts=conflicts)
         print(table.to_string())
+        print(division.duplicates_line(duplicates))
         for warning in division.small_split_warnings(table):
             print(warning)
         if cropped:

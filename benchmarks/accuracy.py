@@ -25,36 +25,60 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score  #
 from sklearn.model_selection import StratifiedGroupKFold  # noqa: E402
 
 from papsmear import balance as balancing  # noqa: E402
-from papsmear import checkpoint, data, figures, learner, predict  # noqa: E402
-from papsmear.division import read_split_csv  # noqa: E402
-from papsmear.files import SPLITS, UserError, is_augmentation, is_sample_image, source_stem, user_errors, user_path  # noqa: E402
+from papsmear import checkpoint, data, figures, learner, predict, report, screening  # noqa: E402
+from papsmear.files import (  # noqa: E402
+    SPLITS,
+    UserError,
+    is_augmentation,
+    is_sample_image,
+    joined,
+    read_split_csv,
+    same_bytes_groups,
+    source_stem,
+    user_errors,
+    user_path,
+)
+from papsmear.record import TrainingSettings  # noqa: E402
 
-SCORES = ["accuracy", "accuracy_tta", "balanced_accuracy", "balanced_accuracy_tta", "macro_f1", "macro_f1_tta"]
+SCORES = ["accuracy", "accuracy_tta", "balanced_accuracy", "balanced_accuracy_tta", "macro_f1", "macro_f1_tta",
+          "sensitivity_at_threshold", "specificity_at_threshold"]
 
 
-def test_scores(learn, test_folder, batch_size=64):
+def test_scores(learn, test_folder, record, batch_size=64):
     """Accuracy, balanced accuracy and macro F1 of `learn` on a labelled test folder, plain and with test-time
-    augmentation."""
+    augmentation; with the model's operating point (its `record`), the abnormal-vs-rest sensitivity and
+    specificity at its threshold too."""
     files, labels, _ = predict.list_inputs(test_folder)
-    classes = list(map(str, learn.dls.vocab))
+    classes = record.classes
     truth = [classes.index(label) for label in labels]
     scores = {}
     for suffix, tta in (("", False), ("_tta", True)):
-        predicted = predict.predict_files(learn, files, batch_size, tta=tta).argmax(1)
+        probabilities = predict.predict_files(learn, files, batch_size, tta=tta)
+        predicted = probabilities.argmax(1)
         scores[f"accuracy{suffix}"] = accuracy_score(truth, predicted)
         scores[f"balanced_accuracy{suffix}"] = balanced_accuracy_score(truth, predicted)
         scores[f"macro_f1{suffix}"] = f1_score(truth, predicted, average="macro")
+        if record.operating_point and not tta:
+            actual = screening.abnormal_mask(classes, record.abnormal_classes)[truth]
+            flagged = screening.called_abnormal(probabilities, classes, record.abnormal_classes,
+                                                record.operating_point)
+            scores["sensitivity_at_threshold"], scores["specificity_at_threshold"] = report.rates(actual, flagged)
     return scores
 
 
 def fold_groups(path_folder):
     """(images with their class, groups) of all images of `path_folder` (train+val+test). A group keeps together
-    an image with its Extended DA outputs `<stem>_augNN`, and the cells of one cluster image (split.csv's group
-    column)."""
+    an image with its Extended DA outputs `<stem>_augNN`, the cells of one cluster image (split.csv's group
+    column), and byte-identical images wherever they lie (the same rule as the division's)."""
     images = sorted((p, p.parent.name) for split in SPLITS for p in (path_folder / split).glob("*/*")
                     if is_sample_image(p))
     groups_by_stem = {Path(row[0]).stem: row[3] for row in read_split_csv(path_folder) or [] if len(row) > 3}
-    return images, [f"{label}/{groups_by_stem.get(source_stem(p), source_stem(p))}" for p, label in images]
+    labels = {p: f"{label}/{groups_by_stem.get(source_stem(p), source_stem(p))}" for p, label in images}
+    by_digest = {}
+    for p, digest in same_bytes_groups([p for p, _ in images if not is_augmentation(p)]).items():
+        by_digest.setdefault(digest, []).append(p)
+    merged = joined(labels, by_digest.values())
+    return images, [merged[p] for p, _ in images]
 
 
 def fold_datasets(path_folder, folds, seed, out):
@@ -113,7 +137,7 @@ def setup_name(recipe, balance, monitor):
 
 def summarise(runs):
     "Mean, std (sample, n-1) and number of runs of every score, per setup, in the order first run."
-    grouped = runs.groupby("setup", sort=False)[SCORES + ["seconds"]]
+    grouped = runs.groupby("setup", sort=False)[[score for score in SCORES if score in runs] + ["seconds"]]
     table = grouped.agg(["mean", "std"])
     table.columns = [f"{score}_{stat}" for score, stat in table.columns]
     table.insert(0, "runs", grouped.size())
@@ -139,7 +163,8 @@ def format_summary(summary):
     "The summary as a reader wants it: mean ± std per score, in percent."
     return pd.DataFrame({"runs": summary["runs"], "seconds": summary["seconds_mean"].round(0), **{
         score: [f"{100 * m:.1f} ± {100 * s:.1f}" if s == s else f"{100 * m:.1f}"
-                for m, s in zip(summary[f"{score}_mean"], summary[f"{score}_std"], strict=True)] for score in SCORES}},
+                for m, s in zip(summary[f"{score}_mean"], summary[f"{score}_std"], strict=True)]
+        for score in SCORES if f"{score}_mean" in summary}},
         index=summary.index).to_string()
 
 
@@ -159,6 +184,7 @@ def main(path_folder: Path = Path("data/herlev_formatted"),                     
          image_size: int = 224,                   # training image side in pixels
          workers: int = None,                     # data loader processes (default as R50.py)
          memory_budget: float = None,             # GB for presized images in memory (default as R50.py; 0: off)
+         target_sensitivity: float = None,        # choose each model's operating point on val; score it on test
          resume: bool = False,                    # keep the runs in <out>/runs.csv; continue an interrupted one
          out: Path = None):                       # results folder (default: path_folder/models/accuracy)
     """Train and test each setup (every recipe with every balance and monitor) for each seed (and fold); print
@@ -189,12 +215,12 @@ def main(path_folder: Path = Path("data/herlev_formatted"),                     
                     continue  # measured before the benchmark was interrupted
                 save_loc = f"accuracy_{setup.replace(' ', '_')}_seed{seed}"
                 start = time.perf_counter()
-                result = learner.train_r50(dataset, save_loc=save_loc, epochs=epochs, batch_size=batch_size, lr=lr,
-                                           image_size=image_size, pretrained=False, seed=seed, workers=workers,
-                                           recipe=recipe, memory_budget=memory_budget, monitor=monitor,
-                                           balance=balance, onnx=False, resume=resume and checkpoint.checkpoint_path(
-                                               dataset / "models", save_loc).is_file())
-                scores = test_scores(result["learner"], dataset / "test")
+                result = learner.train_r50(TrainingSettings(
+                    dataset, save_loc=save_loc, epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
+                    pretrained=False, seed=seed, workers=workers, recipe=recipe, memory_budget=memory_budget,
+                    monitor=monitor, balance=balance, onnx=False, target_sensitivity=target_sensitivity,
+                    resume=resume and checkpoint.checkpoint_path(dataset / "models", save_loc).is_file()))
+                scores = test_scores(result["learner"], dataset / "test", result["record"])
                 rows.append(dict(setup=setup, recipe=recipe, balance=balance, monitor=monitor, seed=seed, fold=fold,
                                  **scores, val_accuracy=result["scores"].loc["validation", "accuracy"],
                                  seconds=round(time.perf_counter() - start, 1)))

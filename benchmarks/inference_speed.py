@@ -3,8 +3,10 @@ batch 16 and 64, with the same exported model on the same images, loaded as Infe
 (channels-last): fastai's loader with one worker per core (each worker decodes a whole batch) and
 Inference_FastAI.py's loader (each image decoded as its own task). Also the network alone on random tensors,
 contiguous and channels-last, to show what the memory layout is worth on this machine. Then the same
-model exported to ONNX and run by ONNX Runtime (CPU) beside PyTorch at each batch size (batch 1 included),
-end to end (decode, cut, predict) and the network alone on the same uint8 images.
+model exported to ONNX and run by ONNX Runtime (CPU), float and INT8 (`export_onnx.py --int8`), beside PyTorch at
+each batch size (batch 1 included), end to end (decode, cut, predict) and the network alone on the same uint8
+images. The model is trained here for a few epochs on the synthetic cells, so that its answers differ from image
+to image and "same class" compares something.
 
 Every path runs once untimed (warm-up), then `repeats` times; the median is reported with the min–max.
 Run by hand (a GPU run: --n-images 192):
@@ -23,9 +25,10 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).
 from fastai.torch_core import default_device  # noqa: E402
 
 import synthetic_papsmear as demo  # noqa: E402
-from papsmear import data, export, learner, predict  # noqa: E402
+from papsmear import export, learner, predict  # noqa: E402
 from papsmear.files import available_cpus  # noqa: E402
 from papsmear.onnx_model import OnnxClassifier, image_batch  # noqa: E402
+from papsmear.record import TrainingSettings  # noqa: E402
 from timing import repeated, spread  # noqa: E402
 
 
@@ -90,42 +93,47 @@ def run_chunks(predict_batch, chunks):
     return [predict_batch(chunk) for chunk in chunks]
 
 
-def measure_onnx(learn, onnx_model, files, batch_sizes, repeats):
-    """Rows (batch, PyTorch timing, ONNX Runtime timing, images predicted alike) end to end, and the same for
-    the network alone on the images already cut to the model's input."""
-    end_to_end, alone = [], []
-    images = image_batch(files, onnx_model.image_size)
+def measure_onnx(learn, runtimes, files, batch_sizes, repeats):
+    """Rows (what, batch, {name: timing}, {name: images predicted as PyTorch does}) of PyTorch and each ONNX Runtime
+    model (`runtimes`: name → OnnxClassifier), end to end and the network alone on the images already cut."""
+    rows = []
+    images = image_batch(files, next(iter(runtimes.values())).image_size)
     for batch_size in batch_sizes:
-        *torch_timing, torch_probabilities = repeated(predict.predict_files, learn, files, batch_size, repeats=repeats)
-        *onnx_timing, onnx_probabilities = repeated(onnx_model.predict, files, batch_size, repeats=repeats)
-        agree = int((torch_probabilities.argmax(1) == onnx_probabilities.argmax(1)).sum())
-        end_to_end.append((batch_size, torch_timing, onnx_timing, agree))
+        *timing, expected = repeated(predict.predict_files, learn, files, batch_size, repeats=repeats)
+        timings, agree = {"PyTorch": timing}, {"PyTorch": len(files)}
+        for name, model in runtimes.items():
+            *timings[name], probabilities = repeated(model.predict, files, batch_size, repeats=repeats)
+            agree[name] = int((probabilities.argmax(1) == expected.argmax(1)).sum())
+        rows.append(("end to end", batch_size, timings, agree))
         chunks = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
-        torch_alone = repeated(run_chunks, lambda c: torch_on_uint8(learn, c), chunks, repeats=repeats)[:3]
-        onnx_alone = repeated(run_chunks, onnx_model.probabilities, chunks, repeats=repeats)[:3]
-        alone.append((batch_size, torch_alone, onnx_alone, len(files)))
-    return end_to_end, alone
+        timings = {"PyTorch": repeated(run_chunks, lambda c: torch_on_uint8(learn, c), chunks, repeats=repeats)[:3]}
+        for name, model in runtimes.items():
+            timings[name] = repeated(run_chunks, model.probabilities, chunks, repeats=repeats)[:3]
+        rows.append(("network alone", batch_size, timings, None))
+    return sorted(rows, key=lambda row: row[0])
 
 
-def print_onnx(end_to_end, alone, n_files):
-    "The ONNX Runtime rows beside PyTorch's, as images per second and their ratio."
-    print(f"\nONNX Runtime (CPU) against PyTorch (CPU), the same {n_files} images and batches; median (min–max):")
-    print("what            | batch | PyTorch seconds    | ONNX Runtime seconds | PyTorch img/s | ORT img/s | "
-          "ORT / PyTorch | same class")
-    for label, rows in (("end to end", end_to_end), ("network alone", alone)):
-        for batch_size, torch_timing, onnx_timing, extra in rows:
-            same = f"{extra}/{n_files}" if label == "end to end" else "-"
-            print(f"{label:15} | {batch_size:5} | {spread(*torch_timing):18} | {spread(*onnx_timing):20} | "
-                  f"{n_files / torch_timing[0]:13.2f} | {n_files / onnx_timing[0]:9.2f} | "
-                  f"{torch_timing[0] / onnx_timing[0]:13.2f} | {same}")
+def print_onnx(rows, n_files):
+    "PyTorch, float ONNX Runtime and INT8 ONNX Runtime side by side: images per second and their ratios."
+    names = list(rows[0][2])
+    print(f"\nPyTorch and ONNX Runtime (CPU), the same {n_files} images and batches; images/s from the median of the "
+          "runs (seconds: median, min–max):")
+    print("what          | batch | " + " | ".join(f"{n} img/s (s)" for n in names) + " | ORT float / PyTorch | "
+          "INT8 / ORT float | INT8 / PyTorch | same class as PyTorch")
+    for label, batch_size, timings, agree in rows:
+        rates = {n: n_files / timings[n][0] for n in names}
+        print(f"{label:13} | {batch_size:5} | " + " | ".join(f"{rates[n]:7.2f} ({spread(*timings[n])})" for n in names)
+              + f" | {rates['ONNX float'] / rates['PyTorch']:19.2f} | {rates['ONNX INT8'] / rates['ONNX float']:16.2f}"
+              f" | {rates['ONNX INT8'] / rates['PyTorch']:14.2f} | "
+              + ("-" if agree is None else ", ".join(f"{n} {agree[n]}/{n_files}" for n in names[1:])))
 
 
-def export_untrained_model(folder, image_size):
-    "A ResNet50 learner exported from a formatted demo folder (speed does not depend on the weights)."
-    dls = data.pap_dls(folder, image_size, batch_size=5, workers=0, memory_budget=0)
-    learn = learner.pap_learner(dls, path=folder)
-    learn.export(folder / "model.pkl")
-    return folder / "model.pkl"
+def trained_model(folder, image_size, epochs=5):
+    """A ResNet50 trained for a few epochs on the formatted demo folder (speed does not depend on the weights, but
+    a check of the answers needs answers that vary); returns its .pth (with .json and .pkl beside it)."""
+    result = learner.train_r50(TrainingSettings(folder, save_loc="speed", epochs=epochs, batch_size=8, lr=0.01,
+                                                image_size=image_size, pretrained=False, onnx=False, workers=0))
+    return result["weights"]
 
 
 @call_parse
@@ -140,22 +148,25 @@ def main(n_images: int = 40,     # test images (spread over the 5 classes)
     long each loader takes to decode the images alone, and the network alone in both memory layouts."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        # Per class: one image to train, one to validate (the model is exported untrained; the leak check
-        # refuses shared images), the rest to predict.
-        demo.generate_sipakmed(folder / "raw", n_images=2 - (-n_images // 5), width=width, height=height)
+        # Per class: 6 images to train, 2 to validate (the leak check refuses shared images), the rest to predict.
+        demo.generate_sipakmed(folder / "raw", n_images=8 - (-n_images // 5), width=width, height=height)
         for cls in sorted(folder.glob("raw/im_*/im_*")):
             for i, path in enumerate(sorted(cls.glob("*.bmp"))):
-                target = folder / ("train", "val")[i] if i < 2 else folder / "test"
+                target = folder / ("train" if i < 6 else "val" if i < 8 else "test")
                 (target / cls.name).mkdir(parents=True, exist_ok=True)
                 shutil.copy(path, target / cls.name / path.name)
         files = sorted((folder / "test").rglob("*.bmp"))[:n_images]
-        learn, _ = predict.load_classifier(export_untrained_model(folder, image_size), files)
+        weights = trained_model(folder, image_size)
+        learn, record = predict.load_classifier(weights, files)
         with learn.no_bar():
             rows, decoding, network = measure(learn, files, batch_sizes, image_size, repeats)
-            onnx_path, _, _ = export.export_onnx(learn, folder / "model.onnx", learn.dls.vocab, image_size=image_size,
-                                                 recipe="original", check_files=files)
-            end_to_end, alone = measure_onnx(learn, OnnxClassifier(onnx_path, threads=available_cpus()), files,
-                                             onnx_batch_sizes, repeats)
+            onnx_path, _, _ = export.export_onnx(learn, folder / "model.onnx", record, check_files=files)
+            int8 = export.quantize_export(onnx_path, folder / "model.int8.onnx", record, check_files=files,
+                                          calibration_files=sorted((folder / "train").rglob("*.bmp")))
+            print(int8["line"])
+            runtimes = {"ONNX float": OnnxClassifier(onnx_path, threads=available_cpus()),
+                        "ONNX INT8": OnnxClassifier(int8["path"], threads=available_cpus())}
+            onnx_rows = measure_onnx(learn, runtimes, files, onnx_batch_sizes, repeats)
     print(f"{len(files)} images of {width}x{height} at {image_size}px, {available_cpus()} cores, "
           f"device {default_device()}; median of {repeats} runs after a warm-up (min–max)")
     print(f"{'path':34} | batch | seconds            | images/s | × loop | same class as the loop")
@@ -169,4 +180,5 @@ def main(n_images: int = 40,     # test images (spread over the 5 classes)
         for bs, per_worker, per_image in decoding))
     print(f"the network alone on {len(files)} random images, seconds: " + "; ".join(
         f"batch {bs} {name} {spread(*timing)}" for bs, name, timing in network))
-    print_onnx(end_to_end, alone, len(files))
+    print(f"the model's answers: {len(set(looped))} different classes over the {len(files)} images")
+    print_onnx(onnx_rows, len(files))

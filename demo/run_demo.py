@@ -1,5 +1,7 @@
 """The whole procedure on synthetic demo data, with settings small enough for a 2-core CPU in minutes:
-generate raw SIPaKMeD + Herlev → divide → Extended DA → R50 → Triple Transfer Learning → inference.
+generate raw SIPaKMeD + Herlev (and smear fields) → divide → Extended DA → R50 → Triple Transfer Learning →
+inference → every cell of the smear fields, with the nucleus detection scored against the generator's own
+boundaries.
 
 Each step runs the project's script from the command line, exactly as a user would (the commands are
 printed), so the demo doubles as a worked example.
@@ -44,11 +46,12 @@ def main(out: Path = Path("demo_output"),  # everything the demo makes goes here
          ttl_epochs: int = 10,             # epochs of each TTL stage (10 Herlev / 50 SIPaKMeD on real data)
          lr: float = 0.01,                 # R50 from random weights takes a higher rate than the usual 0.001
          ttl_lr: float = 0.001,            # TTL stages fine-tune trained weights: the usual rate
+         n_fields: int = 3,                # synthetic smear fields screened cell by cell
          seed: int = 0):                   # demo data seed
     "Run the whole Deep Cervical Cancer procedure on synthetic Pap-smear data."
     raw, sipakmed, herlev, extended = out / "raw", out / "sipakmed", out / "herlev", out / "sipakmed_extended"
     run_step("1. synthetic raw datasets", "demo/synthetic_papsmear.py", out=raw, n_sipakmed=n_sipakmed,
-             n_herlev=n_herlev, seed=seed)
+             n_herlev=n_herlev, n_fields=n_fields, seed=seed)
     run_step("2a. divide SIPaKMeD 60/20/20", "implementation_DatasetDivision.py", path_dir=raw / "sipakmed",
              output_dir=sipakmed)
     run_step("2b. divide Herlev 60/20/20", "implementation_DatasetDivision.py", path_dir=raw / "herlev",
@@ -62,5 +65,11 @@ def main(out: Path = Path("demo_output"),  # everything the demo makes goes here
              herlev_epochs=ttl_epochs, epochs=ttl_epochs, lr=ttl_lr, image_size=image_size)
     run_step("6. inference on the SIPaKMeD test split", "Inference_FastAI.py",
              model_path=sipakmed / "models" / "resnet50_ttl_sipakmed.pkl", test_dataset_path=sipakmed / "test")
+    final = sipakmed / "models" / "resnet50_ttl_sipakmed.pth"
+    run_step("7. every cell of the smear fields", "Inference_Fields.py", model_path=final, path_dir=raw / "fields",
+             nucleus_diameter=24)
+    run_step("8. nucleus detection against the generator's boundaries", "benchmarks/detection.py",
+             fields=raw / "fields", nucleus_diameter=24)
     print(f"\nDone. Everything is under {out}; open the evaluation report "
-          f"{sipakmed / 'models' / 'resnet50_ttl_sipakmed_inference' / 'report.html'} in a browser")
+          f"{sipakmed / 'models' / 'resnet50_ttl_sipakmed_inference' / 'report.html'} and the fields' report "
+          f"{sipakmed / 'models' / 'resnet50_ttl_sipakmed_fields' / 'report.html'} in a browser")

@@ -5,7 +5,7 @@ the way its real cells look (size, shape, stain, nucleus/cytoplasm ratio, halo),
 and noise varied per image so that no single pixel statistic gives the class away. Everything is
 deterministic: the same seed gives byte-identical files.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -175,6 +175,68 @@ def generate_sipakmed(root, n_images=20, width=160, height=120, seed=0, classes=
     return root
 
 
+def place_cells(rng, width, height, radii, tries=200):
+    """Centres for cells of cytoplasm radii `radii` in a field, apart enough that no two cells overlap (drawn with
+    their elongation), each inside the field; cells that find no room are left out (None)."""
+    placed, centres = [], []
+    for radius in radii:
+        reach = radius * 1.3  # the longest half-axis of an elongated, jittered outline
+        for _ in range(tries):
+            x, y = rng.uniform(reach, width - reach), rng.uniform(reach, height - reach)
+            if all(np.hypot(x - px, y - py) > reach + other for px, py, other in placed):
+                placed.append((x, y, reach))
+                centres.append((x, y))
+                break
+        else:
+            centres.append(None)
+    return centres
+
+
+FIELD_NUCLEUS_RATIO = 0.25  # in a field, a nucleus is at most a quarter of its cell across, as in a smear
+
+
+def field_style(kind):
+    """The look of a class's cells in a field: its own, with one nucleus a cell (one boundary to find) and a
+    cytoplasm at least four nucleus radii across, as squamous cells spread on a slide are."""
+    style = SIPAKMED_STYLES[kind]
+    return replace(style, two_nuclei=0.0, nucleus_ratio=min(style.nucleus_ratio, FIELD_NUCLEUS_RATIO))
+
+
+def generate_field(rng, width=640, height=480, nucleus_diameter=24, n_cells=8, classes=SIPAKMED_CLASSES):
+    """One smear field: cells of `classes` (drawn at random) on the glass, apart from each other, each drawn so
+    that its nucleus is about `nucleus_diameter` pixels across (±20 %). Returns the image and, per cell, (class,
+    cytoplasm outline, nucleus outline)."""
+    image, stain = _canvas(rng, width, height)
+    draw = ImageDraw.Draw(image)
+    styles = [(kind, field_style(kind)) for kind in (classes[int(rng.integers(len(classes)))] for _ in range(n_cells))]
+    radii = [nucleus_diameter / 2 / (style.size * style.nucleus_ratio) * rng.uniform(0.8, 1.2) for _, style in styles]
+    extents = [r * style.size * 1.15 for (_, style), r in zip(styles, radii, strict=True)]  # jittered cytoplasm
+    cells = []
+    for (kind, style), radius, centre in zip(styles, radii, place_cells(rng, width, height, extents), strict=True):
+        if centre is not None:
+            cells.append((kind, *draw_cell(rng, draw, None, centre[0], centre[1], radius, style, stain)))
+    return _finish(rng, image, rng.uniform(3, 8)), cells
+
+
+def generate_fields(root, n_fields=4, width=640, height=480, nucleus_diameter=24, seed=0):
+    """Write `n_fields` synthetic smear fields into `root` as field_NNN.png, each with SIPaKMeD-style boundaries
+    beside it (field_NNN_cytKK.dat, field_NNN_nucKK.dat) and field_NNN_cells.csv (cell number, class). Returns
+    `root`."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(1, n_fields + 1):
+        rng = np.random.default_rng([seed, 3, i])
+        image, cells = generate_field(rng, width, height, nucleus_diameter, n_cells=int(rng.integers(5, 10)))
+        image.save(root / f"field_{i:03d}.png")
+        rows = ["cell,class"]
+        for k, (kind, cytoplasm, nucleus) in enumerate(cells, start=1):
+            _write_boundary(root / f"field_{i:03d}_cyt{k:02d}.dat", cytoplasm)
+            _write_boundary(root / f"field_{i:03d}_nuc{k:02d}.dat", nucleus)
+            rows.append(f"{k},{kind}")
+        (root / f"field_{i:03d}_cells.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
 def generate_single_cell(rng, style, size):
     "One Herlev-like single-cell image and its segmentation mask (background black, cytoplasm blue, nucleus red)."
     side = int(size * rng.uniform(0.8, 1.2))
@@ -211,8 +273,12 @@ def main(out: Path = Path("demo_data"),  # folder that receives sipakmed/ and he
          width: int = 160,                # cluster image width in pixels (the real ones are 2048)
          height: int = 120,               # cluster image height in pixels (the real ones are 1536)
          cell_size: int = 80,             # Herlev cell image side in pixels (varies by +-20%)
+         n_fields: int = 0,               # smear fields (640x480, nuclei about 24 pixels) with their boundaries
          seed: int = 0):                  # same seed, byte-identical files
-    "Generate synthetic raw SIPaKMeD and Herlev folders for the demo and the tests."
+    "Generate synthetic raw SIPaKMeD and Herlev folders (and smear fields) for the demo and the tests."
     generate_sipakmed(out / "sipakmed", n_sipakmed, width, height, seed)
     generate_herlev(out / "herlev", n_herlev, cell_size, seed)
     print(f"Synthetic SIPaKMeD in {out / 'sipakmed'}, Herlev in {out / 'herlev' / HERLEV_SUBFOLDER}")
+    if n_fields:
+        generate_fields(out / "fields", n_fields=n_fields, seed=seed)
+        print(f"Synthetic smear fields in {out / 'fields'}")

@@ -1,6 +1,7 @@
 """Extended DA: the original's 14 imgaug augmentation groups, written beside every image or into a mirrored copy.
 
-imgaug is imported here only, with its NumPy 2 shim.
+imgaug is imported here only (`imgaug_augmenters`, with its NumPy 2 shim), and only when images are augmented,
+so that the augmentation script answers --help and refuses bad options in well under a second.
 """
 import hashlib
 import math
@@ -10,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from papsmear.files import (
     IMAGE_EXTENSIONS,
@@ -24,6 +24,7 @@ from papsmear.files import (
     is_inside,
     is_partial,
     is_sample_image,
+    progress_bar,
     recorded_runs,
     remove_partials,
     same_file_content,
@@ -32,22 +33,27 @@ from papsmear.files import (
     user_path,
 )
 
-# imgaug 0.4.0 reads np.sctypes at import time, and NumPy 2 removed it. Every import of imgaug in this
-# project goes through this module, so this is the one place that puts the table back (nothing else of
-# NumPy is touched: imgaug's np.bool is NumPy 2's own bool type).
-if not hasattr(np, "sctypes"):
-    np.sctypes = {"int": [np.int8, np.int16, np.int32, np.int64],
-                  "uint": [np.uint8, np.uint16, np.uint32, np.uint64],
-                  "float": [np.float16, np.float32, np.float64, np.longdouble],
-                  "complex": [np.complex64, np.complex128, np.clongdouble],
-                  "others": [bool, object, bytes, str, np.void]}
-import imgaug.augmenters as iaa  # noqa: E402
-
 QUANTISATION_SIZE = 128  # imgaug's default: KMeansColorQuantization clusters the colours of a copy this long
+
+
+def imgaug_augmenters():
+    """imgaug's augmenters module. imgaug 0.4.0 reads np.sctypes at import time, and NumPy 2 removed it. Every
+    import of imgaug in this project goes through here, so this is the one place that puts the table back
+    (nothing else of NumPy is touched: imgaug's np.bool is NumPy 2's own bool type)."""
+    if not hasattr(np, "sctypes"):
+        np.sctypes = {"int": [np.int8, np.int16, np.int32, np.int64],
+                      "uint": [np.uint8, np.uint16, np.uint32, np.uint64],
+                      "float": [np.float16, np.float32, np.float64, np.longdouble],
+                      "complex": [np.complex64, np.complex128, np.clongdouble],
+                      "others": [bool, object, bytes, str, np.void]}
+    import imgaug.augmenters
+
+    return imgaug.augmenters
 
 
 def augmentation_groups():
     "The 14 augmentation groups of the original, in its order; each makes one image from one image."
+    iaa = imgaug_augmenters()
     colour = iaa.SomeOf(2, [iaa.CLAHE(tile_grid_size_px=((3, 21), [0, 2, 3, 4, 5, 6, 7])),
                             iaa.CLAHE(clip_limit=(1, 10)),
                             iaa.CLAHE(tile_grid_size_px=(3, 21)),
@@ -97,6 +103,7 @@ def keep_a_row(groups, shape):
     """Let colour quantisation, which shrinks an image to `max_size` pixels on its longer side before it
     clusters the colours, keep at least one pixel on the shorter side of a very elongated image (2000x10)."""
     needed = math.ceil(max(shape[:2]) / min(shape[:2]))
+    iaa = imgaug_augmenters()
     for group in groups:
         for quantisation in group.find_augmenters(lambda aug, parents: isinstance(aug, iaa.KMeansColorQuantization)):
             quantisation.max_size = max(QUANTISATION_SIZE, needed)
@@ -235,7 +242,7 @@ def copy_dataset(source, destination, force=False, progress=True):
     for image in stale:
         image.unlink()
     remove_partials(destination)
-    for path in tqdm(dataset_files(source), desc="copy", unit="file", disable=not progress):
+    for path in progress_bar(dataset_files(source), desc="copy", unit="file", disable=not progress):
         target = destination / path.relative_to(source)
         if not target.exists() or not (is_sample_image(path) or same_file_content(path, target)):
             copy_atomically(path, target)
@@ -267,7 +274,7 @@ def extend_dataset(target_directory, n_augmentations=14, seed=42, workers=None, 
     start, written, augmented, errors = time.perf_counter(), 0, 0, []
     with Pool(max(1, min(workers or available_cpus(), len(jobs) or 1)), initializer=_init_worker) as pool:
         results = pool.imap_unordered(augment_file, jobs, chunksize=1)
-        for count, error in tqdm(results, total=len(jobs), desc="augment", unit="img", disable=not progress):
+        for count, error in progress_bar(results, total=len(jobs), desc="augment", unit="img", disable=not progress):
             written += count
             augmented += count > 0
             if error:

@@ -2,10 +2,12 @@
 writes the one and continues from it.
 
 The checkpoint models/<save_loc>.last.pth holds the model, the optimiser, the epoch, every random state, the
-log rows so far, the best score kept so far and the run's settings. It is rewritten atomically after every
-epoch by rank 0 and removed when the run ends, unless asked to keep it. A finished run leaves
+log rows so far, the best score kept so far, the run's settings and the SHA-256 of all of that, checked before
+a run resumes from it. It is rewritten atomically after every epoch by rank 0 and removed when the run ends,
+unless asked to keep it. A finished run leaves
 models/<save_loc>.done.json, so that a resumed Triple Transfer Learning never redoes a finished stage.
 """
+import hashlib
 import json
 import random
 import time
@@ -20,11 +22,12 @@ from fastcore.foundation import L
 
 from papsmear.files import UserError, atomic_output
 from papsmear.launch import is_main_process
+from papsmear.record import RESUME_SETTINGS
 
-CHECKPOINT_FORMAT = 1  # raise when the checkpoint's content changes, so an older one is refused, not misread
-
-# Settings a resumed run must share with the run that wrote its checkpoint: any of them changes the result.
-RESUME_SETTINGS = ("data", "classes", "epochs", "batch_size", "lr", "image_size", "recipe", "monitor", "balance")
+CHECKPOINT_FORMAT = 2  # raise when the checkpoint's content changes, so an older one is refused, not misread
+# What a checkpoint holds, each with the type it must have; anything else is not one of ours.
+CHECKPOINT_PARTS = dict(format=int, sha256=str, epoch=int, model=dict, opt=dict, best=float, rows=list,
+                        smooth_loss=dict, settings=dict, random=dict)
 
 
 def checkpoint_path(models, save_loc):
@@ -78,19 +81,51 @@ def _as_tuples(state):
     return tuple(_as_tuples(part) if isinstance(part, list) else part for part in state)
 
 
+def content_digest(value, digest=None):
+    """SHA-256 of a checkpoint's content: every tensor's type, shape and bytes and every other value's text, in
+    key order (lists and tuples alike, since a checkpoint read back may hold either)."""
+    top = digest is None
+    digest = hashlib.sha256() if top else digest
+    if isinstance(value, dict):
+        digest.update(f"{{{len(value)}".encode())
+        for key in sorted(value, key=str):
+            digest.update(repr(key).encode())
+            content_digest(value[key], digest)
+    elif isinstance(value, (list, tuple, L)):
+        digest.update(f"[{len(value)}".encode())
+        for item in value:
+            content_digest(item, digest)
+    elif isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{tensor.dtype}{tuple(value.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    else:
+        digest.update(repr(value).encode())
+    return digest.hexdigest() if top else None
+
+
 def read_checkpoint(path):
     """The checkpoint at `path` (read with weights_only: nothing is unpickled); a clear error when there is
-    none or it is not one of ours."""
+    none, it is not one of ours, or its content no longer matches the SHA-256 written with it (a damaged or
+    altered file)."""
     if not Path(path).is_file():
         raise UserError(f"no checkpoint {path} to resume from: the run finished (its checkpoint is removed "
                         "then, unless --keep-last) or never completed an epoch — run again without --resume")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        usable = checkpoint.get("format") == CHECKPOINT_FORMAT
+        usable = isinstance(checkpoint, dict) and checkpoint.get("format") == CHECKPOINT_FORMAT and all(
+            isinstance(checkpoint.get(part), kind) for part, kind in CHECKPOINT_PARTS.items())
+        rows, smooth = (checkpoint["rows"], checkpoint["smooth_loss"]) if usable else ([], {})
+        usable = usable and len(rows) == checkpoint["epoch"] + 1 and set(smooth) == {"count", "val"} and all(
+            isinstance(row, (list, tuple)) and len(row) == 2 and isinstance(row[0], (list, tuple)) for row in rows)
     except Exception:  # torch.load raises many kinds for a file that is not a checkpoint
         usable = False
     if not usable:
         raise UserError(f"{path} is not a checkpoint this version can resume from — run again without --resume")
+    stored = checkpoint.pop("sha256")
+    if content_digest(checkpoint) != stored:
+        raise UserError(f"{path} is damaged: its content does not match the SHA-256 written with it — run again "
+                        "without --resume")
     return checkpoint
 
 
@@ -165,7 +200,11 @@ class LastEpochCheckpoint(Callback):
             self.recorder.start_epoch = time.time() - seconds
             raise CancelEpochException
         if self.epoch == len(self.resume_from["rows"]):
-            restore_random_states(self.learn, self.resume_from["random"])
+            try:
+                restore_random_states(self.learn, self.resume_from["random"])
+            except (TypeError, ValueError, IndexError, KeyError, RuntimeError) as e:
+                raise UserError(f"{self.path} holds random states this run cannot take ({type(e).__name__}) — "
+                                "run again without --resume") from None
             # The training loss shown is a moving average that runs on across epochs.
             smooth = self.recorder.smooth_loss
             smooth.count = self.resume_from["smooth_loss"]["count"]
@@ -186,13 +225,19 @@ class LastEpochCheckpoint(Callback):
                           smooth_loss=dict(count=self.recorder.smooth_loss.count,
                                            val=float(self.recorder.smooth_loss.val)),
                           settings=self.settings, random=random_states(self.learn))
+        checkpoint["sha256"] = content_digest(checkpoint)
         with atomic_output(self.path) as tmp:
             torch.save(checkpoint, tmp)
 
 
-def load_checkpoint(learn, checkpoint):
-    "Put a checkpoint's model and optimiser state into `learn` (whose optimiser is made if it has none)."
-    learn.model.load_state_dict(checkpoint["model"])
-    if learn.opt is None:
-        learn.create_opt()
-    learn.opt.load_state_dict(dict(checkpoint["opt"], hypers=L(checkpoint["opt"]["hypers"])))
+def load_checkpoint(learn, checkpoint, path):
+    """Put a checkpoint's model and optimiser state into `learn` (whose optimiser is made if it has none); a
+    clear error when they do not fit the learner (another network or class count)."""
+    try:
+        learn.model.load_state_dict(checkpoint["model"])
+        if learn.opt is None:
+            learn.create_opt()
+        learn.opt.load_state_dict(dict(checkpoint["opt"], hypers=L(checkpoint["opt"]["hypers"])))
+    except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as e:
+        raise UserError(f"{path} does not fit this run's model ({type(e).__name__}: {str(e).splitlines()[0][:160]}) "
+                        "— run again without --resume") from None

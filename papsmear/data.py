@@ -3,8 +3,10 @@
 Training data is held in memory when it fits, else read from the cache or the files; every script builds its
 loaders here, the same way.
 """
+import sys
 from pathlib import Path
 
+import fastai.callback.progress
 import torch
 from fastai.data.core import DataLoaders, Datasets
 from fastai.torch_core import default_device, set_seed
@@ -18,6 +20,8 @@ from fastai.vision.all import (
     aug_transforms,
     imagenet_stats,
 )
+from fastprogress.fastprogress import ConsoleMasterBar, ConsoleProgressBar, MasterBar, ProgressBar
+from PIL import Image
 
 from papsmear.balance import balanced_loader, check_balance, class_counts
 from papsmear.files import (
@@ -35,6 +39,39 @@ from papsmear.leaks import check_leaks
 from papsmear.presize import build_cache, describe_stores, presized_loader, presized_placement, split_images
 
 IMAGE_SIZE = 224  # training image side in pixels, unless a script says otherwise
+
+
+class LogProgressBar(ConsoleProgressBar):
+    """fastprogress's console bar for output that is not a terminal (a file, a CI log): one line at every tenth
+    of the batches instead of carriage-return redraws."""
+    def __init__(self, gen, total=None, display=True, leave=True, parent=None, master=None, txt_len=60):
+        self.printed = -1  # the last tenth of the work printed
+        self.prefix = ""
+        ProgressBar.__init__(self, gen, total, display, leave, parent, master)
+
+    def on_update(self, val, text):
+        "Print a line when the work has reached a new tenth, and at its end."
+        tenth = 10 if not self.total else val * 10 // self.total
+        if self.display and tenth > self.printed:
+            self.printed = tenth
+            print(f"{self.prefix} {text}".strip(), flush=True)
+
+    def on_iter_end(self):
+        "End without the console bar's clearing redraw."
+        ProgressBar.on_iter_end(self)
+
+
+class LogMasterBar(ConsoleMasterBar):
+    "fastprogress's console master bar (the epochs of a fit) over `LogProgressBar`s."
+    def __init__(self, gen, total=None, hide_graph=False, order=None, clean_on_interrupt=False, total_time=False):
+        MasterBar.__init__(self, gen, LogProgressBar, total)
+        self.total_time = total_time
+
+
+# fastai's training and prediction bars print lines when the output is not a terminal.
+if not sys.stdout.isatty():
+    fastai.callback.progress.progress_bar = LogProgressBar
+    fastai.callback.progress.master_bar = LogMasterBar
 
 
 # Training recipes. `original`: the original's hyper-parameters and fastai's default augmentation.
@@ -189,7 +226,10 @@ def pap_dls(path_folder, image_size=IMAGE_SIZE, batch_size=10, seed=42, workers=
 
 
 def inference_dls(files, image_size=IMAGE_SIZE, batch_size=64):
-    "DataLoaders that only read and transform `files` (no labels), as `pap_dls` does for validation."
+    """DataLoaders that only read and transform `files` (no labels), as `pap_dls` does for validation. Without
+    files (a model loaded before its images are known) a blank image in memory stands in: the loaders' only use
+    then is to build the learner, whose predictions come from `test_dl`."""
+    files = list(files) or [Image.new("RGB", (image_size, image_size), (255, 255, 255))]
     item_tfms, batch_tfms = pap_transforms(image_size)
     datasets = Datasets(files, [[PILImage.create]], splits=[[0], list(range(len(files)))])
     return datasets.dataloaders(bs=batch_size, num_workers=0, after_item=[*item_tfms, ToTensor()],

@@ -7,10 +7,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 from papsmear.files import atomic_output  # noqa: E402
 
 
-def save_figure(fig, png):
-    "Write a figure to `png` (through a temporary name, so a kill never leaves half a picture) and close it."
+def save_figure(fig, path, format="png", **options):
+    """Write a figure to `path` as `format` (png, or jpeg with `pil_kwargs` such as its quality), through a
+    temporary name so that a kill never leaves half a picture, and close it."""
     fig.tight_layout()
-    with atomic_output(png) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=100, format=format, **options)
     plt.close(fig)
-    return png
+    return path

@@ -2,8 +2,12 @@
 
 Nothing here imports torch or fastai, so the division and augmentation scripts start in about a second.
 """
+import argparse
+import csv
 import errno
 import filecmp
+import hashlib
+import math
 import os
 import re
 import secrets
@@ -15,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from PIL import Image
+from tqdm import tqdm
 
 IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff")
 PARTIAL = ".partial"  # suffix of files being written; see atomic_output
@@ -82,6 +87,42 @@ def user_errors():
         raise SystemExit(INTERNAL_ERROR) from None
 
 
+def one_line_usage_errors():
+    """Make argparse's usage errors (an unknown option, a value of the wrong type) one line `error: …` on stderr
+    with exit code 2, as every other bad input, instead of the multi-line usage text. Each script calls this
+    before its `call_parse`."""
+    def error(parser, message):
+        print(f"error: {message} — run {parser.prog} --help to list the options", file=sys.stderr)
+        raise SystemExit(2)
+    argparse.ArgumentParser.error = error
+
+
+class LineWriter:
+    "A stream for progress bars where no terminal redraws them: each update becomes one line of its own."
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        "Write one update as a line (tqdm begins each update with a carriage return)."
+        text = text.replace("\r", "").strip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self):
+        "Flush the stream underneath."
+        self.stream.flush()
+
+
+def progress_bar(iterable=None, **options):
+    """tqdm's progress bar (same options) on a terminal; when stderr is a file or a CI log, one line at every
+    tenth of the work instead of thousands of carriage-return updates on one line."""
+    if sys.stderr.isatty() or options.get("disable"):
+        return tqdm(iterable, **options)
+    total = options.pop("total", None) or (len(iterable) if hasattr(iterable, "__len__") else None)
+    return tqdm(iterable, total=total, file=LineWriter(sys.stderr), mininterval=0,
+                miniters=max(1, math.ceil((total or 10) / 10)), **options)
+
+
 def user_path(path):
     """A user's path made absolute against the working directory, `~` expanded and `..` folded, links kept
     (so messages show the path as the user named it). Every script reads its path options through this."""
@@ -116,6 +157,39 @@ def check_file_name(name, what="save_loc"):
     return name
 
 
+NAME_BYTES = 200  # longest file or folder name written, in UTF-8 bytes (file systems allow 255)
+
+
+def check_class_names(classes, where):
+    """Refuse class names (read from a model file) that cannot be folder names as they are: not text, empty,
+    longer than `NAME_BYTES` in UTF-8, `.`/`..`, hidden (a leading dot), or holding a folder separator or a
+    control character. Class names become folders (corrections, divisions), so one such as `../../x` would
+    write outside them."""
+    for name in classes:
+        bad = (not isinstance(name, str) or not name.strip() or name in (".", "..") or name.startswith(".")
+               or len(name.encode("utf-8", "replace")) > NAME_BYTES
+               or any(c in name for c in "/\\") or any(ord(c) < 32 or ord(c) == 127 for c in name))
+        if bad:
+            raise UserError(f"{where} names a class {str(name)[:80]!r} that is not a plain folder name (no folders, "
+                            f"no leading dot, no control characters, at most {NAME_BYTES} bytes) — use a model "
+                            "trained by these scripts")
+    if len(set(classes)) != len(classes):
+        raise UserError(f"{where} names a class twice — use a model trained by these scripts")
+    return list(classes)
+
+
+def shorten_to_bytes(name, limit=NAME_BYTES):
+    "`name` cut at a character boundary so that its UTF-8 form has at most `limit` bytes."
+    return name.encode("utf-8")[:limit].decode("utf-8", "ignore")
+
+
+def spreadsheet_safe(text):
+    """Text for a CSV cell that a spreadsheet shows as text, never runs as a formula: a leading =, +, -, @, tab
+    or carriage return gets a quote before it (OWASP's advice on CSV injection)."""
+    text = str(text)
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
 def source_stem(path):
     "The stem of the image an Extended DA output `<stem>_augNN.<ext>` was made from; any other file's own stem."
     return AUGMENTED.sub("", Path(path).stem)
@@ -139,18 +213,33 @@ def is_sample_image(path):
             and not name.startswith("."))
 
 
-def sample_images(folder):
-    "Sample images under `folder`, sorted, following linked folders (each real folder visited once)."
+def sample_images(folder, within=None, outside=None):
+    """Sample images under `folder`, sorted, following linked folders (each real folder visited once). With
+    `within`, a linked folder whose real location lies outside that folder is not walked; its path is appended
+    to the list `outside`."""
     found, seen = [], set()
     for root, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
         if real in seen:  # a link back to a folder already walked
             dirs[:] = []
             continue
+        if within is not None and not is_inside(real, within):
+            outside.append(Path(root))
+            dirs[:] = []
+            continue
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found += [Path(root) / f for f in files if is_sample_image(Path(root) / f)]
     return sorted(found)
+
+
+def read_split_csv(output_dir):
+    "The division recorded in output_dir/split.csv, as sorted (file, class, split[, group]) rows; None without one."
+    path = Path(output_dir) / "split.csv"
+    if not path.exists():
+        return None
+    with path.open(newline="") as f:
+        return sorted(tuple(row) for row in list(csv.reader(f))[1:])
 
 
 def class_names(folder):
@@ -228,6 +317,46 @@ def file_stamp(path):
 def same_file_content(a, b):
     "True when two files hold the same bytes (equal size and time stamps count as equal, as for a copy2)."
     return Path(a).is_file() and Path(b).is_file() and filecmp.cmp(a, b, shallow=True)
+
+
+def file_sha256(path):
+    "SHA-256 of a file's bytes, as hex (hashlib reads it in chunks and releases Python's lock meanwhile)."
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def same_bytes_groups(files, progress=False):
+    """{file: SHA-256} of those `files` whose bytes another of them repeats. Only files of a size that occurs
+    more than once can be identical, so only those are hashed, by every core."""
+    sizes = {f: Path(f).stat().st_size for f in files}
+    counts = {}
+    for size in sizes.values():
+        counts[size] = counts.get(size, 0) + 1
+    candidates = [f for f in files if counts[sizes[f]] > 1]
+    with ThreadPoolExecutor(available_cpus()) as pool:
+        digests = dict(zip(candidates, progress_bar(pool.map(file_sha256, candidates), total=len(candidates),
+                                                    desc="compare", unit="img",
+                                                    disable=not progress or len(candidates) < 1000), strict=True))
+    repeated = {}
+    for digest in digests.values():
+        repeated[digest] = repeated.get(digest, 0) + 1
+    return {f: digest for f, digest in digests.items() if repeated[digest] > 1}
+
+
+def joined(labels, together):
+    """{item: label} of `labels` ({item: label}) where the items of each group in `together` (lists of items) end
+    with one label, the smallest of those their groups join, however the groups chain (union-find)."""
+    parent = {label: label for label in labels.values()}
+
+    def root(label):
+        while parent[label] != label:
+            label = parent[label]
+        return label
+    for group in together:
+        first = min(root(labels[item]) for item in group)
+        for item in group:
+            parent[root(labels[item])] = first
+    return {item: root(label) for item, label in labels.items()}
 
 
 def unreadable(file):

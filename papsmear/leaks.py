@@ -11,13 +11,10 @@ File contents are hashed by all cores and remembered in path_folder/cache/sha256
 size, modification time and change time, so a rerun hashes only new or changed files. Nothing here imports
 torch; training (`papsmear.data.pap_dls`) and evaluation (`papsmear.predict`) run it.
 """
-import hashlib
 import json
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-from tqdm import tqdm
 
 from papsmear.files import (
     SPLITS,
@@ -25,19 +22,16 @@ from papsmear.files import (
     atomic_output,
     available_cpus,
     cell_cluster,
+    file_sha256,
     file_stamp,
     is_augmentation,
+    progress_bar,
+    read_split_csv,
     sample_images,
     source_stem,
 )
 
 MEMO_VERSION = 1  # bump when the memo's layout changes: an older memo is then ignored
-
-
-def file_sha256(path):
-    "SHA-256 of a file's bytes, as hex."
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_memo(memo_path):
@@ -50,22 +44,24 @@ def read_memo(memo_path):
         return {}
 
 
-def content_digests(path_folder, files, progress=True):
+def content_digests(path_folder, files, progress=True, remember=True):
     """({file: sha256}, number hashed now) for `files` under `path_folder`; files unchanged since they were
     last hashed are not read again. The memo is rewritten when something was hashed, where it can be (a
-    read-only dataset is checked all the same, only not remembered)."""
+    read-only dataset is checked all the same, only not remembered); with `remember` False it is neither read
+    nor written (a folder that is not a dataset of ours)."""
     memo_path = Path(path_folder) / "cache" / "sha256.json"
-    memo = read_memo(memo_path)
+    memo = read_memo(memo_path) if remember else {}
     names = {f: Path(f).relative_to(path_folder).as_posix() for f in files}
     stamps = {f: file_stamp(f) for f in files}
     todo = [f for f in files if memo.get(names[f], [])[:3] != stamps[f]]
     # hashlib releases Python's lock while it hashes, so threads use every core.
     with ThreadPoolExecutor(available_cpus()) as pool:
-        hashed = dict(zip(todo, tqdm(pool.map(file_sha256, todo), total=len(todo), desc="leak check", unit="img",
-                                     disable=not progress or len(todo) < 1000), strict=True))
+        bar = progress_bar(pool.map(file_sha256, todo), total=len(todo), desc="leak check", unit="img",
+                           disable=not progress or len(todo) < 1000)
+        hashed = dict(zip(todo, bar, strict=True))
     for f, digest in hashed.items():
         memo[names[f]] = [*stamps[f], digest]
-    if hashed:
+    if hashed and remember:
         try:
             memo_path.parent.mkdir(exist_ok=True)
             with atomic_output(memo_path) as tmp:
@@ -73,6 +69,17 @@ def content_digests(path_folder, files, progress=True):
         except OSError:
             pass
     return {f: memo[names[f]][3] for f in files}, len(hashed)
+
+
+def training_digests(path_folder):
+    """SHA-256 of every image of a formatted dataset's train split, an Extended DA output counting as its source
+    (the image it was made from, beside it); only an output whose source is gone is hashed itself. What a model
+    trained on this split has seen, for `papsmear.predict`'s check of test images against it."""
+    path_folder = Path(path_folder)
+    train = [f for f, (split, _) in split_files(path_folder).items() if split == "train"]
+    sources = {(f.parent, f.stem) for f in train if not is_augmentation(f)}
+    hashed = [f for f in train if not is_augmentation(f) or (f.parent, source_stem(f)) not in sources]
+    return sorted(set(content_digests(path_folder, hashed, progress=False)[0].values()))
 
 
 def split_files(path_folder):
@@ -126,6 +133,25 @@ def find_leaks(path_folder, progress=True):
                 augmented=augmentations_across_splits(where), cells=cells_across_splits(where))
 
 
+def identical_fix(path_folder, groups, name):
+    """What removes identical images from two splits, by their cause: copies the division itself placed are
+    duplicates in the raw data (this version's division keeps them in one split); a copy split.csv does not
+    list was put there by hand."""
+    rows = read_split_csv(path_folder)
+    if rows is None:
+        return ("remove the copies from the other splits, or divide the raw dataset again with this version, "
+                "which keeps identical images in one split")
+    placed = {f"{split}/{label}/{Path(file).name}" for file, label, split, *_ in rows}
+    by_hand = [f for group in groups for f in group if name(f) not in placed]
+    if by_hand:
+        return (f"{len(by_hand)} of them are not in split.csv, copies made by hand: remove them "
+                f"({', '.join(map(name, by_hand[:5]))})")
+    pairs = ", ".join(" = ".join(map(name, group)) for group in groups[:5])
+    return ("they are duplicates in the raw data, which every division may split: divide it again with this "
+            "version (implementation_DatasetDivision.py --force into this folder; it keeps identical images in "
+            f"one split), or remove one of each group from the raw data ({pairs})")
+
+
 def check_leaks(path_folder, progress=True):
     """Refuse a formatted dataset with the same image, or an image and its Extended DA output, in two splits
     (one line: the count, three examples and what to do); return the line for the log, which warns about
@@ -138,8 +164,8 @@ def check_leaks(path_folder, progress=True):
     if leaks["identical"]:
         examples = "; ".join(" = ".join(map(name, group)) for group in leaks["identical"][:3])
         raise UserError(f"leak check: {len(leaks['identical'])} image(s) of {path_folder} lie in two splits with the "
-                        f"same bytes (e.g. {examples}), so scores would be measured on training images — divide "
-                        "the raw dataset again into an empty output_dir, or remove the copies from the other splits")
+                        f"same bytes (e.g. {examples}), so scores would be measured on training images — "
+                        f"{identical_fix(path_folder, leaks['identical'], name)}")
     if leaks["augmented"]:
         examples = "; ".join(f"{name(f)} from {name(source)}" for f, source in leaks["augmented"][:3])
         raise UserError(f"leak check: {len(leaks['augmented'])} Extended DA image(s) of {path_folder} come from an "

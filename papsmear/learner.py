@@ -1,5 +1,4 @@
 """The ResNet50 learner: building it, weight files, training with a recipe, saving, exporting and plotting."""
-import json
 import os
 import shutil
 import socket
@@ -36,14 +35,13 @@ from papsmear.checkpoint import (
     write_done,
 )
 from papsmear.data import (
-    IMAGE_SIZE,
     broken_images_error,
     check_batch_size,
     current_speed_settings,
     pap_dls,
     recipe_settings,
 )
-from papsmear.export import CHECK_IMAGES, export_onnx
+from papsmear.export import CHECK_IMAGES, export_onnx, quantize_export
 from papsmear.figures import plt, save_figure
 from papsmear.files import (
     IMAGE_ERRORS,
@@ -55,6 +53,15 @@ from papsmear.files import (
     user_path,
 )
 from papsmear.launch import describe_batches, is_main_process
+from papsmear.leaks import training_digests
+from papsmear.record import ModelRecord, record_beside
+from papsmear.screening import (
+    abnormal_classes,
+    abnormal_mask,
+    abnormal_probability,
+    check_target_sensitivity,
+    choose_operating_point,
+)
 
 # balanced_accuracy_score warns when a validation set lacks a class the model predicts; the score it returns
 # (mean recall over the classes present) is the one wanted, so the warning would only repeat every epoch.
@@ -198,12 +205,14 @@ def load_weights(learn, path):
     return learn
 
 
-def write_class_list(learn, weights, image_size, recipe):
-    """Write <weights>.json beside a `.pth`: the class names in output order, the image size and the training
-    recipe, so that the weights can be used (and exported to ONNX) without the fastai export."""
-    info = dict(classes=list(map(str, learn.dls.vocab)), image_size=image_size, arch="resnet50", recipe=recipe)
-    with atomic_output(Path(weights).with_suffix(".json")) as tmp:
-        tmp.write_text(json.dumps(info, indent=2))
+def model_record(learn, settings, trained_on=None, operating_point=None):
+    """The record written beside the weights (`papsmear.record.ModelRecord`): the classes in output order, the
+    image size, the recipe, the run's settings, the abnormal classes (named in the settings, or the known
+    grouping of the class set), the operating point and the SHA-256 of the training images."""
+    classes = list(map(str, learn.dls.vocab))
+    return ModelRecord(classes=classes, image_size=settings.image_size, recipe=settings.recipe,
+                       abnormal_classes=abnormal_classes(classes, settings.abnormal_classes, settings.normal_classes),
+                       operating_point=operating_point, training=settings.as_json(), trained_on=trained_on)
 
 
 def plot_training(log_csv, png):
@@ -264,12 +273,6 @@ def best_epoch_keeper(learn, save_loc, start_weights=None, monitor="accuracy"):
     return keeper
 
 
-def run_settings(learn, epochs, lr, image_size, recipe, monitor, balance):
-    "What a resumed run must share with the interrupted one (`papsmear.checkpoint.RESUME_SETTINGS`)."
-    return dict(data=str(learn.path), classes=list(map(str, learn.dls.vocab)), epochs=epochs,
-                batch_size=learn.dls.bs, lr=lr, image_size=image_size, recipe=recipe, monitor=monitor, balance=balance)
-
-
 def resume_point(learn, models, save_loc, settings):
     """The last-epoch checkpoint of the interrupted run `save_loc`, loaded into `learn`: refused when there
     is none, when its settings differ, or when the interrupted run's best epoch is missing."""
@@ -280,74 +283,122 @@ def resume_point(learn, models, save_loc, settings):
     if not best.is_file():
         raise UserError(f"the interrupted run's best epoch {best} is missing, so resuming could not keep it — run "
                         "again without --resume")
-    load_checkpoint(learn, checkpoint)
+    load_checkpoint(learn, checkpoint, path)
     if is_main_process():
         print(f"resuming {save_loc} after epoch {checkpoint['epoch'] + 1} of {settings['epochs']} from {path} "
               f"(best validation {settings['monitor']} so far {checkpoint['best']:.4f})")
     return checkpoint
 
 
-def train_and_save(learn, epochs, lr, save_loc, export_path=None, image_size=IMAGE_SIZE, recipe="original",
-                   start_weights=None, monitor="accuracy", balance="none", resume=False, keep_last=False, onnx=True):
-    """Train the whole network with the recipe's schedule, keep the epoch with the best validation `monitor`
-    (a score of `papsmear.balance.MONITORS`; `balance` is how the learner and data make up for imbalance),
-    save its weights (.pth + class list .json), export the learner (.pkl), and write the CSV log and curves.
-    The best weights and the log are written aside while training (`best_epoch_keeper`) and take the place
-    of a previous run's only once it ends, so a killed run leaves the previous outputs as they were.
+def validation_operating_point(learn, record, target_sensitivity):
+    """The operating point on the validation split reaching `target_sensitivity` (`papsmear.screening`), from the
+    kept model's predictions of the validation image files; None without a target."""
+    if target_sensitivity is None:
+        return None
+    if record.abnormal_classes is None:
+        raise UserError(f"target_sensitivity needs abnormal classes, and the classes {record.classes} have no known "
+                        "grouping — name them with --abnormal-classes (or --normal-classes)")
+    # Predicted from the files, as evaluation and deployment predict them (not from the presized images).
+    files = list(learn.dls.valid_ds.items)
+    with learn.no_bar():
+        probabilities = learn.get_preds(dl=learn.dls.test_dl(files, bs=64, num_workers=0))[0]
+    truth = [record.classes.index(Path(f).parent.name) for f in files]
+    truth_abnormal = abnormal_mask(record.classes, record.abnormal_classes)[truth]
+    scores = abnormal_probability(probabilities.float().numpy(), record.classes, record.abnormal_classes)
+    return choose_operating_point(truth_abnormal, scores, target_sensitivity,
+                                  chosen_on=f"the validation split of {learn.path}")
+
+
+def training_images_digests(learn, start_weights=None):
+    """SHA-256 of every image the model has trained on: this run's training split (an Extended DA output counts
+    as its source) and, when it starts from weights with a record, the images those were trained on."""
+    digests = set(training_digests(Path(learn.path)))
+    earlier = record_beside(start_weights) if start_weights is not None and Path(start_weights).is_file() else None
+    if earlier is not None and earlier.trained_on:
+        digests |= set(earlier.trained_on)
+    return sorted(digests)
+
+
+def train_and_save(learn, settings, start_weights=None):
+    """Train the whole network with the recipe's schedule (`settings`, a `papsmear.record.TrainingSettings` whose
+    epochs, batch size and lr are set), keep the epoch with the best validation `monitor` (a score of
+    `papsmear.balance.MONITORS`; `balance` is how the learner and data make up for imbalance), save its weights
+    (.pth + the model record .json), export the learner (.pkl), and write the CSV log and curves. The best
+    weights and the log are written aside while training (`best_epoch_keeper`) and take the place of a previous
+    run's only once it ends, so a killed run leaves the previous outputs as they were.
 
     After every epoch the run writes models/<save_loc>.last.pth (`papsmear.checkpoint`); `resume` continues
     from it. It is removed at the end unless `keep_last`, and models/<save_loc>.done.json records the end.
     With `onnx`, the kept model is also exported to models/<save_loc>.onnx and checked against fastai
-    (`papsmear.export`).
+    (`papsmear.export`); with `int8` also to <save_loc>.int8.onnx. With `target_sensitivity` the operating
+    point is chosen on the validation split and stored in the record.
 
     Returns a dict of the files written, the final validation/training scores and the leak check's line."""
+    save_loc, monitor = settings.save_loc, settings.monitor
     models = Path(learn.path) / learn.model_dir
-    export_path = user_path(export_path or models / f"{save_loc}.pkl")
+    export_path = user_path(settings.export_path or models / f"{save_loc}.pkl")
     models.mkdir(parents=True, exist_ok=True)
     export_path.parent.mkdir(parents=True, exist_ok=True)
     weights, log = models / f"{save_loc}.pth", models / f"{save_loc}_log.csv"
     running_log = models / f".{save_loc}_log.running.csv"
     curves = models / f"{save_loc}_curves.png"
+    record = model_record(learn, settings)  # checks the abnormal classes named before any training
     learn.unfreeze()
-    settings = run_settings(learn, epochs=epochs, lr=lr, image_size=image_size, recipe=recipe, monitor=monitor,
-                            balance=balance)
-    resume_from = resume_point(learn, models, save_loc, settings) if resume else None
-    if not resume and is_main_process():
+    identity = settings.identity(learn.dls.vocab)
+    resume_from = resume_point(learn, models, save_loc, identity) if settings.resume else None
+    if not settings.resume and is_main_process():
         done_path(models, save_loc).unlink(missing_ok=True)  # a new run: an earlier end no longer counts
-    keeper = best_epoch_keeper(learn, save_loc, start_weights=None if resume else start_weights, monitor=monitor)
-    note = imbalance_note(class_counts(learn.dls), list(map(str, learn.dls.vocab)), balance=balance, monitor=monitor)
+    keeper = best_epoch_keeper(learn, save_loc, start_weights=None if settings.resume else start_weights,
+                               monitor=monitor)
+    note = imbalance_note(class_counts(learn.dls), list(map(str, learn.dls.vocab)), balance=settings.balance,
+                          monitor=monitor)
     if is_main_process():
-        print(f"training {save_loc}: recipe {recipe}, {epochs} epochs, {describe_batches(learn.dls.bs, lr)}, "
-              f"kept epoch: best {monitor}, balance {balance}")
+        print(f"training {save_loc}: recipe {settings.recipe}, {settings.epochs} epochs, "
+              f"{describe_batches(learn.dls.bs, settings.lr)}, kept epoch: best {monitor}, balance {settings.balance}")
         if note:
             print(note)
     last = checkpoint_path(models, save_loc)
     # fastai saves the best epoch's weights from rank 0 only; the log, the checkpoint, the exports and the
     # pictures too.
-    cbs = [keeper, LastEpochCheckpoint(last, settings=settings, keeper=keeper, resume_from=resume_from)]
-    fit_recipe(learn, epochs=epochs, lr=lr, cbs=cbs + ([CSVLogger(fname=running_log)] if is_main_process() else []),
-               recipe=recipe)
+    cbs = [keeper, LastEpochCheckpoint(last, settings=identity, keeper=keeper, resume_from=resume_from)]
+    fit_recipe(learn, epochs=settings.epochs, lr=settings.lr,
+               cbs=cbs + ([CSVLogger(fname=running_log)] if is_main_process() else []), recipe=settings.recipe)
     # SaveModelCallback wrote the best epoch's weights (no optimiser: loadable with weights_only) and every
     # process has loaded them back; writing them again could race with a process still reading.
+    onnx_path = int8_path = None
     if is_main_process():
+        record.operating_point = validation_operating_point(learn, record, settings.target_sensitivity)
+        record.trained_on = training_images_digests(learn, start_weights)
         os.replace(models / f".{save_loc}.running.pth", weights)
         os.replace(running_log, log)
-        write_class_list(learn, weights, image_size, recipe)
+        record.write(weights.with_suffix(".json"))
         export_atomically(learn, export_path)
-        if onnx:
-            onnx_path, difference, seconds = export_onnx(learn, weights.with_suffix(".onnx"), learn.dls.vocab,
-                                                         image_size=image_size, recipe=recipe,
-                                                         check_files=learn.dls.valid_ds.items)
-            print(f"ONNX export {onnx_path}: ONNX Runtime agrees with fastai within {difference:.1e} on "
-                  f"{min(CHECK_IMAGES, len(learn.dls.valid_ds))} validation images ({seconds:.0f} s)")
+        if settings.onnx or settings.int8:
+            onnx_path, int8_path = export_models(learn, weights, record, int8=settings.int8)
         plot_training(log, curves)
-        write_done(models, save_loc, settings)
-        if not keep_last:
+        write_done(models, save_loc, identity)
+        if not settings.keep_last:
             last.unlink(missing_ok=True)
     distrib_barrier()  # the other processes go on (to a next TTL stage, say) once the files are complete
     return dict(weights=weights, classes=weights.with_suffix(".json"), export=export_path, log=log,
                 curves=curves, scores=evaluate(learn), learner=learn, leak_check=learn.dls.leak_check,
-                checkpoint=last if keep_last else None, onnx=weights.with_suffix(".onnx") if onnx else None)
+                checkpoint=last if settings.keep_last else None, onnx=onnx_path, int8=int8_path, record=record)
+
+
+def export_models(learn, weights, record, int8=False):
+    """Export the kept model to <weights>.onnx, checked against fastai, and with `int8` also to
+    <weights>.int8.onnx, checked against the float export; prints what each check found. Returns both paths
+    (None for the one not written)."""
+    onnx_path, difference, seconds = export_onnx(learn, weights.with_suffix(".onnx"), record,
+                                                 check_files=learn.dls.valid_ds.items)
+    print(f"ONNX export {onnx_path}: ONNX Runtime agrees with fastai within {difference:.1e} on "
+          f"{min(CHECK_IMAGES, len(learn.dls.valid_ds))} validation images ({seconds:.0f} s)")
+    if not int8:
+        return onnx_path, None
+    quantized = quantize_export(onnx_path, weights.with_suffix(".int8.onnx"), record,
+                                calibration_files=learn.dls.train_ds.items, check_files=learn.dls.valid_ds.items)
+    print(quantized["line"])
+    return onnx_path, quantized["path"]
 
 
 def check_training_options(save_loc, **numbers):
@@ -367,34 +418,30 @@ def find_lr(learn, png):
     return suggestion.valley
 
 
-def train_r50(path_folder, save_loc="resnet50", model_path=None, export_path=None, epochs=None, batch_size=None,
-              lr=None, image_size=IMAGE_SIZE, pretrained=True, pretrained_weights=None, seed=42, lr_find=False,
-              workers=None, cache_size=None, recipe="original", memory_budget=None, monitor="accuracy",
-              balance="none", resume=False, keep_last=False, onnx=True):
-    """Build, optionally start from weights (or `resume` the interrupted run `save_loc`), train with `recipe`
-    (epochs, batch_size and lr left None take the recipe's), save and export; returns `train_and_save`'s
-    summary."""
-    settings = recipe_settings(recipe)
-    epochs, batch_size, lr = (settings[k] if v is None else v
-                              for k, v in dict(epochs=epochs, batch_size=batch_size, lr=lr).items())
-    check_training_options(save_loc, epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
-                           workers=workers, cache_size=cache_size, memory_budget=memory_budget)
-    check_monitor(monitor)
-    if resume and lr_find:
+def train_r50(settings):
+    """Build, optionally start from weights (or `resume` the interrupted run `save_loc`), train with the recipe
+    (epochs, batch_size and lr left None take the recipe's), save and export, all as `settings` (a
+    `papsmear.record.TrainingSettings`) says; returns `train_and_save`'s summary."""
+    settings = settings.with_recipe(recipe_settings(settings.recipe))
+    check_training_options(settings.save_loc, epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
+                           image_size=settings.image_size, workers=settings.workers, cache_size=settings.cache_size,
+                           memory_budget=settings.memory_budget)
+    check_monitor(settings.monitor)
+    check_target_sensitivity(settings.target_sensitivity)
+    if settings.resume and settings.lr_find:
         raise UserError("lr_find would change the weights and random state a resumed run continues from — "
                         "drop --lr-find to resume")
-    dls = pap_dls(path_folder, image_size, batch_size, seed=seed, workers=workers, cache_size=cache_size,
-                  recipe=recipe, memory_budget=memory_budget, balance=balance)
+    dls = pap_dls(settings.path_folder, settings.image_size, settings.batch_size, seed=settings.seed,
+                  workers=settings.workers, cache_size=settings.cache_size, recipe=settings.recipe,
+                  memory_budget=settings.memory_budget, balance=settings.balance)
     # A resumed run takes its weights from its checkpoint: nothing to download or load first.
-    starts_from_file = model_path is not None and not resume
-    learn = pap_learner(dls, pretrained=pretrained and not starts_from_file and not resume,
-                        pretrained_weights=None if resume else pretrained_weights, path=path_folder, recipe=recipe,
-                        balance=balance)
+    starts_from_file = settings.model_path is not None and not settings.resume
+    learn = pap_learner(dls, pretrained=settings.pretrained and not starts_from_file and not settings.resume,
+                        pretrained_weights=None if settings.resume else settings.pretrained_weights,
+                        path=settings.path_folder, recipe=settings.recipe, balance=settings.balance)
     if starts_from_file:
-        load_weights(learn, model_path)
-    if lr_find:
-        png = Path(path_folder) / "models" / f"{save_loc}_lr_find.png"
-        print(f"lr_find suggests lr = {find_lr(learn, png):.2e} (plot: {png}); training with lr = {lr:g}")
-    return train_and_save(learn, epochs=epochs, lr=lr, save_loc=save_loc, export_path=export_path,
-                          image_size=image_size, recipe=recipe, start_weights=model_path, monitor=monitor,
-                          balance=balance, resume=resume, keep_last=keep_last, onnx=onnx)
+        load_weights(learn, settings.model_path)
+    if settings.lr_find:
+        png = Path(settings.path_folder) / "models" / f"{settings.save_loc}_lr_find.png"
+        print(f"lr_find suggests lr = {find_lr(learn, png):.2e} (plot: {png}); training with lr = {settings.lr:g}")
+    return train_and_save(learn, settings, start_weights=settings.model_path)

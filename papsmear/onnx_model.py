@@ -6,25 +6,36 @@ Its metadata names the classes in output order, the image size, the cutting rule
 """
 import json
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from papsmear.files import UserError, available_cpus, user_path
+from papsmear.files import UserError, atomic_output, available_cpus, user_path
+from papsmear.record import ModelRecord
 
 METADATA_PRODUCER = "Deep Cervical Cancer"
-# Written into every export: an ONNX user needs nothing else to prepare images.
-CUTTING_RULE = ("crop the centred square whose side is the image's shorter side, then resize it to "
-                "{size}x{size} pixels with Pillow's bilinear resampling; RGB, uint8, layout [batch, height, width, 3]")
+# Written into every export: an ONNX user needs nothing else to prepare images. It is fastai's validation
+# Resize, whose float arithmetic makes the square one pixel smaller than the shorter side for some sizes (a
+# shorter side of 230 at 224 gives 229), so the side is stated as the formula, not as "the shorter side".
+CUTTING_RULE = ("side = int(shorter / {size} * {size}) in double precision (the shorter side of the image, one pixel "
+                "less for some sizes, e.g. 229 for 230 at 224); crop the square of that side whose top-left corner is "
+                "(int(0.5 * (width - side)), int(0.5 * (height - side))), then resize it to {size}x{size} pixels "
+                "with Pillow's bilinear resampling; RGB, uint8, layout [batch, height, width, 3]")
+
+
+def square_side(width, height, size):
+    "The side of the square fastai's validation `Resize(size)` crops: int(shorter / size * size), as it computes it."
+    scale = width / size if width / size < height / size else height / size
+    return int(scale * size)
 
 
 def square_image(image, size):
-    """The `size` x `size` square the network sees of a PIL image: the centred square of the shorter side's
-    length, resized with bilinear resampling — fastai's validation `Resize(size)`, computed the same way."""
+    """The `size` x `size` square the network sees of a PIL image: the centred square of `square_side`, resized
+    with bilinear resampling — fastai's validation `Resize(size)`, computed the same way."""
     width, height = image.size
-    scale = width / size if width / size < height / size else height / size
-    side = int(scale * size)
+    side = square_side(width, height, size)
     left, top = int(0.5 * (width - side)), int(0.5 * (height - side))
     return image.crop((left, top, left + side, top + side)).resize((size, size), Image.BILINEAR)
 
@@ -57,7 +68,8 @@ class OnnxClassifier:
         except Exception as e:  # ONNX Runtime raises its own kinds for files it cannot read as models
             raise UserError(f"{path} is not an ONNX model ONNX Runtime can run ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:200]}) — export it again with export_onnx.py") from None
-        self.classes, self.image_size, self.metadata = read_metadata(self.session, path)
+        self.record, self.metadata = read_metadata(self.session, path)
+        self.classes, self.image_size = self.record.classes, self.record.image_size
         check_signature(self.session, self.image_size, len(self.classes), path)
 
     def predict(self, files, batch_size=16):
@@ -71,17 +83,28 @@ class OnnxClassifier:
 
 
 def read_metadata(session, path):
-    "(classes, image size, all metadata) of an export of this project; a clear error for any other ONNX file."
+    """(model record, all metadata) of an export of this project: the whole record when the file holds one, else
+    (exports of earlier versions) the classes and image size; a clear error for any other ONNX file, and for
+    metadata a model of ours cannot have (class names that are not plain folder names, an absurd image size)."""
     metadata = session.get_modelmeta().custom_metadata_map
-    try:
-        classes, image_size = json.loads(metadata["classes"]), int(metadata["image_size"])
-        usable = metadata.get("producer") == METADATA_PRODUCER and isinstance(classes, list) and classes
-    except (KeyError, ValueError, TypeError):
-        usable = False
-    if not usable:
+    if metadata.get("producer") != METADATA_PRODUCER or "classes" not in metadata:
         raise UserError(f"{path} has no {METADATA_PRODUCER} metadata (classes, image_size) — export the model with "
                         "R50.py, R50Herlev.py or export_onnx.py")
-    return list(map(str, classes)), image_size, metadata
+    try:
+        values = json.loads(metadata["record"]) if "record" in metadata else dict(
+            classes=json.loads(metadata["classes"]), image_size=metadata.get("image_size"))
+    except ValueError:
+        values = {}
+    record = ModelRecord.from_json(values if isinstance(values, dict) else {}, f"{path}'s metadata")
+    try:
+        mirrored = json.loads(metadata["classes"]) == record.classes and int(metadata["image_size"]) == \
+            record.image_size
+    except (KeyError, ValueError, TypeError):
+        mirrored = False
+    if not mirrored:
+        raise UserError(f"{path}'s metadata disagrees with itself (classes or image_size differ from its record) — "
+                        "export the model again with export_onnx.py")
+    return record, metadata
 
 
 def check_signature(session, image_size, n_classes, path):
@@ -93,6 +116,31 @@ def check_signature(session, image_size, n_classes, path):
     if probabilities.shape[-1] != n_classes:
         raise UserError(f"{path} has {probabilities.shape[-1]} outputs but its metadata names {n_classes} classes "
                         "— export it again with export_onnx.py")
+
+
+def write_metadata(model, record, extra=None):
+    """Set an ONNX model's (an `onnx.ModelProto`'s) metadata to the model record (`papsmear.record.ModelRecord`),
+    the cutting rule and `extra` keys."""
+    import onnx
+
+    metadata = dict(producer=METADATA_PRODUCER, **record.onnx_metadata(),
+                    input="uint8 RGB images [batch, height, width, 3]; output: class probabilities",
+                    preprocessing=CUTTING_RULE.format(size=record.image_size), **(extra or {}))
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, metadata)
+    return model
+
+
+def store_record(onnx_path, record):
+    "Rewrite the metadata of an ONNX file of ours with `record`, atomically (its quantization settings are kept)."
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    extra = {p.key: p.value for p in model.metadata_props if p.key == "quantization"}
+    if extra:
+        record = replace(record, quantization=json.loads(extra["quantization"]))
+    with atomic_output(onnx_path) as tmp:
+        onnx.save(write_metadata(model, record, extra), str(tmp))
 
 
 def is_onnx(model_path):

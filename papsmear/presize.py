@@ -20,7 +20,6 @@ from fastai.data.core import TfmdDL
 from fastai.torch_core import TensorCategory, TensorImage
 from fastai.vision.augment import Resize
 from PIL import Image
-from tqdm import tqdm
 
 from papsmear.files import (
     IMAGE_ERRORS,
@@ -28,6 +27,7 @@ from papsmear.files import (
     atomic_output,
     available_cpus,
     file_stamp,
+    progress_bar,
     remove_partials,
     sample_images,
 )
@@ -114,7 +114,7 @@ def build_cache(path_folder, cache_size, splits=("train", "val"), progress=True,
         # PIL releases the GIL while it decodes, resizes and compresses, so threads use every core.
         with ThreadPoolExecutor(workers or available_cpus()) as pool:
             jobs = pool.map(lambda rel: cache_image(sources[rel], root / f"{rel}.png", cache_size), todo)
-            for _ in tqdm(jobs, total=len(todo), desc=f"cache {cache_size}px", unit="img",
+            for _ in progress_bar(jobs, total=len(todo), desc=f"cache {cache_size}px", unit="img",
                           disable=not progress or not todo):
                 pass
         for rel in todo:

@@ -1,11 +1,13 @@
-"""The evaluation report: metrics, bootstrap intervals, ROC, calibration, Grad-CAM and one HTML page.
+"""The evaluation report: metrics, bootstrap intervals, ROC, calibration, screening figures, Grad-CAM and one
+HTML page.
 
-`evaluate_folder` predicts a folder and writes it all (SIPaKMeD's abnormal-vs-normal figures where the classes
-are SIPaKMeD's); the page's Jinja2 template lies beside this module. Nothing here trains.
+`evaluate_folder` predicts a folder and writes it all: the abnormal-against-the-rest figures whenever the model
+has abnormal classes (`papsmear.screening`), at argmax and at its operating point. The page's Jinja2 template
+lies beside this module. Nothing here trains.
 """
 import base64
-import hashlib
 import json
+import textwrap
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,7 +29,6 @@ from sklearn.metrics import (
     roc_curve,
 )
 from torch import nn
-from tqdm import tqdm
 
 from papsmear.balance import balanced_accuracy
 from papsmear.figures import plt, save_figure
@@ -37,60 +38,78 @@ from papsmear.files import (
     atomic_output,
     check_not_negative,
     check_positive,
+    file_sha256,
     is_inside,
+    progress_bar,
+    spreadsheet_safe,
     user_path,
 )
 from papsmear.onnx_model import OnnxClassifier
 from papsmear.predict import (
     check_classes,
     check_split_leaks,
+    check_trained_images,
     drop_unreadable,
     is_unlabelled_tree,
     list_inputs,
     list_tree,
     load_classifier,
     predict_files,
+    store_model_record,
+)
+from papsmear.screening import (
+    SIPAKMED_GROUPS,
+    abnormal_classes,
+    abnormal_mask,
+    abnormal_probability,
+    called_abnormal,
+    check_target_sensitivity,
+    choose_operating_point,
+    rule_text,
 )
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-
-# The grouping of SIPaKMeD's classes in its own paper (Plissiti et al., ICIP 2018, section 2): superficial-
-# intermediate and parabasal cells are normal, koilocytotic and dyskeratotic cells abnormal, metaplastic
-# cells benign. Screening asks "abnormal or not", so benign cells count with the normal ones as negatives.
-SIPAKMED_GROUPS = {"Dyskeratotic": "abnormal", "Koilocytotic": "abnormal", "Metaplastic": "benign",
-                   "Parabasal": "normal", "Superficial-Intermediate": "normal"}
-
-
 BOOTSTRAP_CHUNK = 1_000_000  # test-image indices drawn at once
 BOOTSTRAP_RANGE = (100, 100_000)  # fewer resamples give no 95% interval; more change it below its rounding
+OVERLAY_QUALITY = 70  # JPEG quality of the Grad-CAM overlays: a report of 1000 test images stays under 3 MB
+
+
+def resampled(scores, n_items, n_resamples=2000, seed=0, level=0.95):
+    """{name: value, low, high} of each score (a function of an index array into the test images) on all the
+    images, with its percentile bootstrap interval: the images resampled with replacement `n_resamples` times
+    (seeded; a resample where a score is undefined, NaN, is left out of its interval)."""
+    rng, samples = np.random.default_rng(seed), {name: [] for name in scores}
+    # Resamples are drawn in chunks of about a million indices, so memory stays bounded for any count; the
+    # draws are the same as in one go (the generator's stream does not depend on the chunking).
+    chunk = max(1, BOOTSTRAP_CHUNK // n_items)
+    with progress_bar(total=n_resamples, desc="bootstrap", unit="resample",
+                      disable=n_resamples * n_items < 10 ** 7) as bar:
+        for start in range(0, n_resamples, chunk):
+            for i in rng.integers(0, n_items, (min(chunk, n_resamples - start), n_items)):
+                for name, score in scores.items():
+                    samples[name].append(score(i))
+            bar.update(min(chunk, n_resamples - start))
+    tail, everything = 100 * (1 - level) / 2, np.arange(n_items)
+    intervals = {}
+    for name, score in scores.items():
+        defined = [v for v in samples[name] if v == v]
+        low, high = np.percentile(defined, [tail, 100 - tail]) if defined else (float("nan"),) * 2
+        value = score(everything)
+        intervals[name] = dict(value=None if value != value else float(value), low=float(low), high=float(high))
+    return intervals
 
 
 def bootstrap_intervals(truth, predicted, n_classes, n_resamples=2000, seed=0, level=0.95):
     """Accuracy, balanced accuracy (mean recall of the classes in the resample), macro F1 and weighted F1
-    with percentile bootstrap intervals: the test images are resampled with replacement `n_resamples` times
-    (seeded), each score recomputed by scikit-learn."""
+    with percentile bootstrap intervals (`resampled`), each score computed by scikit-learn."""
     truth, predicted = np.asarray(truth), np.asarray(predicted)
     labels = list(range(n_classes))
-    scores = {"accuracy": accuracy_score,
-              "balanced_accuracy": balanced_accuracy,
-              "macro_f1": lambda t, p: f1_score(t, p, labels=labels, average="macro", zero_division=0),
-              "weighted_f1": lambda t, p: f1_score(t, p, labels=labels, average="weighted", zero_division=0)}
-    rng, samples = np.random.default_rng(seed), {name: [] for name in scores}
-    # Resamples are drawn in chunks of about a million indices, so memory stays bounded for any count; the
-    # draws are the same as in one go (the generator's stream does not depend on the chunking).
-    chunk = max(1, BOOTSTRAP_CHUNK // len(truth))
-    with tqdm(total=n_resamples, desc="bootstrap", unit="resample", disable=n_resamples * len(truth) < 10 ** 7) as bar:
-        for start in range(0, n_resamples, chunk):
-            for i in rng.integers(0, len(truth), (min(chunk, n_resamples - start), len(truth))):
-                for name, score in scores.items():
-                    samples[name].append(score(truth[i], predicted[i]))
-            bar.update(min(chunk, n_resamples - start))
-    tail = 100 * (1 - level) / 2
-    intervals = {}
-    for name, score in scores.items():
-        low, high = np.percentile(samples[name], [tail, 100 - tail])
-        intervals[name] = dict(value=float(score(truth, predicted)), low=float(low), high=float(high))
-    return intervals
+    scores = {"accuracy": lambda i: accuracy_score(truth[i], predicted[i]),
+              "balanced_accuracy": lambda i: balanced_accuracy(truth[i], predicted[i]),
+              "macro_f1": lambda i: f1_score(truth[i], predicted[i], labels=labels, average="macro", zero_division=0),
+              "weighted_f1": lambda i: f1_score(truth[i], predicted[i], labels=labels, average="weighted",
+                                                zero_division=0)}
+    return resampled(scores, len(truth), n_resamples=n_resamples, seed=seed, level=level)
 
 
 def roc_per_class(truth, probabilities, classes):
@@ -111,31 +130,73 @@ def roc_per_class(truth, probabilities, classes):
 
 
 def folder_counts(table, classes):
-    """Per folder of an unlabelled tree: images, predictions per class and, for SIPaKMeD's classes, how many
-    were called abnormal."""
+    """Per folder of an unlabelled tree: images, predictions per class and, when the model has abnormal classes,
+    how many images were called abnormal (the predictions table's `abnormal` column, by its rule)."""
     counts = pd.crosstab(table["folder"], table["predicted_class"]).reindex(columns=classes, fill_value=0)
     counts.insert(0, "images", counts.sum(axis=1))
-    if sorted(classes) == sorted(SIPAKMED_GROUPS):
-        counts["abnormal"] = counts[[c for c in classes if SIPAKMED_GROUPS[c] == "abnormal"]].sum(axis=1)
+    if "abnormal" in table:
+        counts["abnormal"] = table.groupby("folder")["abnormal"].sum().reindex(counts.index).astype(int)
     return counts.reset_index()
 
 
-def abnormal_vs_normal(truth, probabilities, classes):
-    """SIPaKMeD's screening question, abnormal (Dyskeratotic, Koilocytotic) against the rest: sensitivity,
-    specificity and the AUC of the summed abnormal probability. None when the classes are not SIPaKMeD's."""
-    if sorted(classes) != sorted(SIPAKMED_GROUPS):
+def rates(actual, flagged):
+    "(sensitivity, specificity) of flagged cells against the abnormal ones; NaN where a group is empty."
+    actual, flagged = np.asarray(actual, bool), np.asarray(flagged, bool)
+    sensitivity = (actual & flagged).sum() / actual.sum() if actual.any() else float("nan")
+    specificity = (~actual & ~flagged).sum() / (~actual).sum() if (~actual).any() else float("nan")
+    return sensitivity, specificity
+
+
+def flagged_figures(actual, flagged, n_resamples, seed):
+    """Sensitivity and specificity of flagged cells with their bootstrap intervals (the same resamples as the
+    other intervals), and the four counts behind them."""
+    tn, fp, fn, tp = confusion_matrix(actual, flagged, labels=[False, True]).ravel()
+    intervals = resampled({"sensitivity": lambda i: rates(actual[i], flagged[i])[0],
+                           "specificity": lambda i: rates(actual[i], flagged[i])[1]},
+                          len(actual), n_resamples=n_resamples, seed=seed)
+    return dict(sensitivity=intervals["sensitivity"]["value"], specificity=intervals["specificity"]["value"],
+                intervals=intervals, true_positive=int(tp), false_negative=int(fn), true_negative=int(tn),
+                false_positive=int(fp))
+
+
+def abnormal_vs_normal(truth, probabilities, classes, abnormal, operating_point=None, n_resamples=2000, seed=0):
+    """The screening question, abnormal against the rest, for a model whose abnormal classes are `abnormal`
+    (None: no grouping, no figures): sensitivity and specificity when the most probable class decides, and at the
+    operating point when the model has one (p(abnormal) against its threshold), each with bootstrap intervals;
+    the AUC and ROC curve of p(abnormal)."""
+    if not abnormal:
         return None
-    abnormal = np.array([SIPAKMED_GROUPS[c] == "abnormal" for c in classes])
-    actual = abnormal[np.asarray(truth)]
-    called = abnormal[probabilities.argmax(1)]
-    tn, fp, fn, tp = confusion_matrix(actual, called, labels=[False, True]).ravel()
-    score = probabilities[:, abnormal].sum(1)
+    actual = abnormal_mask(classes, abnormal)[np.asarray(truth)]
+    score = abnormal_probability(probabilities, classes, abnormal)
     both = actual.any() and not actual.all()
-    return dict(sensitivity=float(tp / (tp + fn)) if tp + fn else None,
-                specificity=float(tn / (tn + fp)) if tn + fp else None,
-                auc=float(roc_auc_score(actual, score)) if both else None,
-                true_positive=int(tp), false_negative=int(fn), true_negative=int(tn), false_positive=int(fp),
-                groups=SIPAKMED_GROUPS)
+    curve = roc_curve(actual, score) if both else ([], [], [])
+    at_argmax = flagged_figures(actual, called_abnormal(probabilities, classes, abnormal), n_resamples, seed)
+    figures = dict(abnormal_classes=list(abnormal), rule=rule_text(operating_point), **at_argmax,
+                   auc=float(roc_auc_score(actual, score)) if both else None,
+                   roc=dict(fpr=list(map(float, curve[0])), tpr=list(map(float, curve[1]))),
+                   groups=SIPAKMED_GROUPS if sorted(classes) == sorted(SIPAKMED_GROUPS) else None)
+    if operating_point:
+        flagged = called_abnormal(probabilities, classes, abnormal, operating_point)
+        figures["at_threshold"] = dict(operating_point=operating_point,
+                                       **flagged_figures(actual, flagged, n_resamples, seed))
+    return figures
+
+
+def plot_screening_roc(screen, png):
+    "ROC of p(abnormal) against the rest, with the argmax point and the stored operating point marked."
+    fig, ax = plt.subplots(figsize=(5.6, 5.2))
+    ax.plot(screen["roc"]["fpr"], screen["roc"]["tpr"], color="#08519c", label=f"p(abnormal), AUC {screen['auc']:.3f}")
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    ax.plot(1 - screen["specificity"], screen["sensitivity"], "s", color="#6a51a3", ms=8,
+            label="argmax (most probable class)")
+    if "at_threshold" in screen:
+        point = screen["at_threshold"]
+        ax.plot(1 - point["specificity"], point["sensitivity"], "o", color="#cf222e", ms=9,
+                label=f"operating point: p ≥ {point['operating_point']['threshold']:.3f}")
+    ax.set(xlabel="1 − specificity", ylabel="sensitivity", title="Screening: abnormal against the rest", xlim=(0, 1),
+           ylim=(0, 1.02))
+    ax.legend(fontsize=8, loc="lower right")
+    save_figure(fig, png)
 
 
 def calibration(probabilities, truth, n_bins=15):
@@ -221,91 +282,106 @@ def gradcam_maps(learn, files, class_indices, batch_size=16):
 
 
 def gradcam_selection(truth, probabilities, classes, n):
-    """(index, why) of the images to show: every misclassified one, and per class the `n` most and `n` least
-    confident correct ones (per predicted class when there are no labels)."""
+    """(index, why) of the images to show, and how many misclassified images each confusion cell leaves out:
+    per confusion cell (true class, predicted class) its `n` most confident mistakes, and per class the `n` most
+    and `n` least confident correct ones (per predicted class when there are no labels). So the gallery grows
+    with the number of classes, not with the test set."""
     predicted, confidence = probabilities.argmax(1), probabilities.max(1)
     labelled = truth is not None
-    correct = predicted == np.asarray(truth) if labelled else np.ones(len(predicted), bool)
-    chosen = [(int(i), "misclassified") for i in np.flatnonzero(~correct)]
-    for c in range(len(classes)):
-        members = np.flatnonzero(correct & (predicted == c))
+    truth = np.asarray(truth) if labelled else predicted
+    chosen, more = [], {}
+    for actual, called in sorted({(int(t), int(p)) for t, p in zip(truth, predicted, strict=True) if t != p}):
+        members = np.flatnonzero((truth == actual) & (predicted == called))
         ranked = members[np.argsort(-confidence[members], kind="stable")]
-        seen = {i for i, _ in chosen}
-        label = "correct" if labelled else "predicted"
-        chosen += [(int(i), f"most confident {label}") for i in ranked[:n] if i not in seen]
-        seen |= {int(i) for i in ranked[:n]}
-        chosen += [(int(i), f"least confident {label}") for i in ranked[::-1][:n] if i not in seen]
-    return chosen
+        chosen += [(int(i), "misclassified") for i in ranked[:n]]
+        if len(ranked) > n:
+            more[(classes[actual], classes[called])] = len(ranked) - n
+    label = "correct" if labelled else "predicted"
+    for c in range(len(classes)):
+        members = np.flatnonzero((truth == c) & (predicted == c))
+        ranked = members[np.argsort(-confidence[members], kind="stable")]
+        chosen += [(int(i), f"most confident {label}") for i in ranked[:n]]
+        chosen += [(int(i), f"least confident {label}") for i in ranked[::-1][:n] if i not in ranked[:n]]
+    return chosen, more
 
 
-def save_overlay(image, heat, png, title):
-    "The heat map over the image the network saw, with a title."
-    fig, ax = plt.subplots(figsize=(3.2, 3.4))
+def fit_title(ax, title, fontsize=8):
+    """Set a title wrapped so that it fits the figure's width: long class names are broken over lines (inside a
+    word when they have no space), never clipped. Rewraps narrower until the rendered text fits."""
+    figure = ax.figure
+    renderer = figure.canvas.get_renderer()
+    width = figure.bbox.width
+    for characters in range(44, 5, -2):
+        lines = [textwrap.fill(line, characters, break_long_words=True, break_on_hyphens=True)
+                 for line in title.split("\n")]
+        text = ax.set_title("\n".join(lines), fontsize=fontsize)
+        if text.get_window_extent(renderer).width <= 0.96 * width:
+            return text
+    return text
+
+
+def save_overlay(image, heat, path, title):
+    "The heat map over the image the network saw, with a title wrapped to the picture's width, as JPEG."
+    fig, ax = plt.subplots(figsize=(2.8, 3.0))
     ax.imshow(show_cam_on_image(image.astype(np.float32), heat, use_rgb=True))
-    ax.set_title(title, fontsize=8)
+    fit_title(ax, title, fontsize=7)
     ax.axis("off")
-    save_figure(fig, png)
+    save_figure(fig, path, format="jpeg", pil_kwargs=dict(quality=OVERLAY_QUALITY))
 
 
-def gradcam_gallery(learn, files, truth, probabilities, classes, output_dir, n):
-    """Write Grad-CAM overlays (predicted class) of the selected images under output_dir/gradcam/; returns
-    (gallery entries, reason when skipped)."""
+def gradcam_gallery(learn, files, truth, probabilities, classes, output_dir, n, names=None):
+    """Write Grad-CAM overlays (predicted class) of the selected images (`gradcam_selection`) under
+    output_dir/gradcam/; `names` are what the gallery calls the files (default: folder/name). Returns (gallery
+    entries, confusion cells with overlays left out: {(true, predicted): count}, reason when skipped)."""
     if n <= 0:
-        return [], "Grad-CAM turned off (gradcam = 0)"
+        return [], {}, "Grad-CAM turned off (gradcam = 0)"
     if isinstance(learn, OnnxClassifier):
-        return [], "Grad-CAM skipped: it needs the PyTorch model's gradients — give the .pth or .pkl beside the .onnx"
-    chosen = gradcam_selection(truth, probabilities, classes=classes, n=n)
+        return [], {}, ("Grad-CAM skipped: it needs the PyTorch model's gradients — give the .pth or .pkl beside "
+                        "the .onnx")
+    chosen, more = gradcam_selection(truth, probabilities, classes=classes, n=n)
     if not chosen:
-        return [], None
+        return [], more, None
     predicted = probabilities.argmax(1)
     result = gradcam_maps(learn, [files[i] for i, _ in chosen], [predicted[i] for i, _ in chosen])
     if result is None:
-        return [], "Grad-CAM skipped: the model has no convolutional body (it is not this project's ResNet50)"
+        return [], more, "Grad-CAM skipped: the model has no convolutional body (it is not this project's ResNet50)"
     folder = Path(output_dir) / "gradcam"
     folder.mkdir(exist_ok=True)
+    names = names or [f"{Path(f).parent.name}/{Path(f).name}" for f in files]  # the folder tells classes apart
     gallery = []
     for rank, ((i, why), heat, image) in enumerate(zip(chosen, *result, strict=True)):
         top3 = [(classes[k], float(probabilities[i, k])) for k in np.argsort(-probabilities[i])[:3]]
         true_class = classes[truth[i]] if truth is not None else None
-        png = folder / f"{rank:03d}_{Path(files[i]).stem}.png"
-        save_overlay(image, heat, png=png, title=f"{Path(files[i]).name}\npredicted {top3[0][0]} ({top3[0][1]:.2f})"
-                     + (f", true {true_class}" if true_class else ""))
-        name = f"{Path(files[i]).parent.name}/{Path(files[i]).name}"  # the folder tells cells of two classes apart
-        gallery.append(dict(file=str(files[i]), name=name, why=why, true=true_class,
-                            predicted=top3[0][0], top3=top3, png=png))
-    return gallery, None
+        picture = folder / f"{rank:03d}_{Path(files[i]).stem}.jpg"
+        save_overlay(image, heat, path=picture, title=f"{Path(names[i]).name}\npredicted {top3[0][0]} "
+                     f"({top3[0][1]:.2f})" + (f", true {true_class}" if true_class else ""))
+        gallery.append(dict(file=str(files[i]), name=names[i], why=why, true=true_class,
+                            predicted=top3[0][0], top3=top3, picture=picture))
+    return gallery, more, None
 
 
-def file_sha256(path):
-    "SHA-256 of a file, read in chunks (model files are ~100 MB)."
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def inline_picture(path):
+    "A PNG or JPEG file as a data: URL, so that the report is one file."
+    kind = "jpeg" if Path(path).suffix.lower() in (".jpg", ".jpeg") else "png"
+    return f"data:image/{kind};base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 
-def inline_png(path):
-    "A PNG file as a data: URL, so that the report is one file."
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
-
-
-def write_html(context, html):
-    "Render the report template with `context` into `html` (written atomically)."
+def write_html(context, html, template="report.html"):
+    "Render a report template (templates/) with `context` into `html` (written atomically)."
     environment = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]))
-    environment.filters["png"] = inline_png
-    page = environment.get_template("report.html").render(
+    environment.filters["inline"] = inline_picture
+    page = environment.get_template(template).render(
         **context, created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     with atomic_output(html) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return html
 
 
-def labelled_figures(truth, probabilities, classes, output_dir, n_resamples=2000, seed=0):
-    """What labelled predictions add to the original's numbers: bootstrap intervals, per-class and macro
-    AUC, the abnormal-vs-normal screening figures (SIPaKMeD), calibration; draws roc_curves.png and
-    calibration.png. Returns a dict for metrics.json."""
-    output_dir = Path(output_dir)
+def labelled_figures(truth, probabilities, record, output_dir, n_resamples=2000, seed=0):
+    """What labelled predictions add to the original's numbers: bootstrap intervals, per-class and macro AUC,
+    the abnormal-vs-rest screening figures (at argmax, and at the model's operating point), calibration; draws
+    roc_curves.png, screening_roc.png and calibration.png. Returns a dict for metrics.json."""
+    output_dir, classes = Path(output_dir), record.classes
     curves, macro_auc = roc_per_class(truth, probabilities, classes)
     ece, bins = calibration(probabilities, truth)
     if macro_auc is not None:
@@ -313,29 +389,42 @@ def labelled_figures(truth, probabilities, classes, output_dir, n_resamples=2000
     plot_calibration(bins, ece, output_dir / "calibration.png")
     intervals = bootstrap_intervals(truth, probabilities.argmax(1), n_classes=len(classes), n_resamples=n_resamples,
                                     seed=seed)
+    screen = abnormal_vs_normal(truth, probabilities, classes, record.abnormal_classes, record.operating_point,
+                                n_resamples=n_resamples, seed=seed)
+    if screen and screen["auc"] is not None:
+        plot_screening_roc(screen, output_dir / "screening_roc.png")
     return dict(intervals=intervals,
                 bootstrap=dict(resamples=n_resamples, seed=seed, level=0.95),
                 auc={name: curve["auc"] for name, curve in curves.items()}, macro_auc=macro_auc,
-                abnormal_vs_normal=abnormal_vs_normal(truth, probabilities, classes),
-                ece=ece, calibration_bins=bins)
+                abnormal_vs_normal=screen, ece=ece, calibration_bins=bins)
 
 
-def write_report(learn, files, truth, probabilities, classes, summary, output_dir, gradcam=3, folders=None):
+def write_report(learn, files, truth, probabilities, classes, summary, output_dir, gradcam=3, folders=None,
+                 names=None):
     """Grad-CAM gallery and report.html for one evaluation; `summary` is what metrics.json holds, `folders`
-    the counts per folder of an unlabelled tree. Returns (report path, reason Grad-CAM was skipped or None)."""
+    the counts per folder of an unlabelled tree, `names` what the report calls the files (default: their
+    paths). Returns (report path, reason Grad-CAM was skipped or None)."""
     output_dir = Path(output_dir)
-    gallery, skipped = gradcam_gallery(learn, files, truth=truth, probabilities=probabilities, classes=classes,
-                                       output_dir=output_dir, n=gradcam)
+    names = names or [str(f) for f in files]
+    gallery, more, skipped = gradcam_gallery(learn, files, truth=truth, probabilities=probabilities, classes=classes,
+                                             output_dir=output_dir, n=gradcam,
+                                             names=None if summary.get("plain") else names)
     plain = summary.get("plain")
     matrix = np.array(plain["confusion_matrix"]) if plain else None
+    flagged = summary.get("flagged")
     context = dict(summary=summary, plain=plain, classes=classes, gallery=gallery, gradcam_note=skipped,
+                   more=[dict(true=t, predicted=p, count=n) for (t, p), n in more.items()],
                    folders=None if folders is None else folders.to_dict("records"),
                    model_sha256=file_sha256(summary["model_path"]),
                    normalised=(matrix / np.maximum(matrix.sum(1, keepdims=True), 1)).tolist() if plain else None,
-                   pictures={name: output_dir / f"{name}.png" for name in ("roc_curves", "calibration")
+                   pictures={name: output_dir / f"{name}.png"
+                             for name in ("roc_curves", "screening_roc", "calibration")
                              if plain and (output_dir / f"{name}.png").exists()},
-                   predictions=None if plain else list(zip(files, probabilities.argmax(1), probabilities.max(1),
-                                                           strict=True)))
+                   predictions=None if plain else [
+                       dict(name=name, predicted=classes[index], probability=p,
+                            abnormal=None if flagged is None else bool(flagged[k]))
+                       for k, (name, index, p) in enumerate(zip(names, probabilities.argmax(1), probabilities.max(1),
+                                                                strict=True))])
     return write_html(context, output_dir / "report.html"), skipped
 
 
@@ -357,18 +446,24 @@ def label_metrics(truth, predicted, classes):
 
 
 def plot_confusion(matrix, classes, png, title):
-    "Confusion matrix picture with counts and class names on both axes."
-    fig, ax = plt.subplots(figsize=(1.4 * len(classes) + 3, 1.2 * len(classes) + 2))
-    ConfusionMatrixDisplay(np.array(matrix), display_labels=classes).plot(ax=ax, cmap="Blues", colorbar=False,
+    """Confusion matrix picture with counts and class names on both axes; long names are wrapped over lines so
+    that they are never clipped, and the figure grows with the number of classes."""
+    wrapped = [textwrap.fill(c, 18, break_long_words=True) for c in classes]
+    lines = max(name.count("\n") + 1 for name in wrapped)
+    fig, ax = plt.subplots(figsize=(1.3 * len(classes) + 2.5 + 0.6 * lines, 1.1 * len(classes) + 1.5 + 0.3 * lines))
+    ConfusionMatrixDisplay(np.array(matrix), display_labels=wrapped).plot(ax=ax, cmap="Blues", colorbar=False,
                                                                           xticks_rotation=35)
-    ax.set_title(title)
+    ax.tick_params(labelsize=8)
+    fit_title(ax, title, fontsize=10)
     save_figure(fig, png)
 
 
-def predictions_table(files, labels, runs, classes):
-    """One row per image: file, true class (if known), predicted class, the probability of each class, and
-    the class predicted with test-time augmentation when it was run."""
-    table = pd.DataFrame({"file": [str(f) for f in files]})
+def predictions_table(files, labels, runs, record):
+    """One row per image: file, true class (if known), predicted class, the probability of each class, the
+    class predicted with test-time augmentation when it was run, and, when the model has abnormal classes,
+    p(abnormal), whether the cell is flagged abnormal and the rule that flagged it (`papsmear.screening`)."""
+    classes = record.classes
+    table = pd.DataFrame({"file": [spreadsheet_safe(f) for f in files]})
     if any(label is not None for label in labels):
         table["true_class"] = labels
     table["predicted_class"] = [classes[i] for i in runs["plain"].argmax(1)]
@@ -376,22 +471,46 @@ def predictions_table(files, labels, runs, classes):
         table[f"p_{name}"] = runs["plain"][:, i]
     if "tta" in runs:
         table["tta_predicted_class"] = [classes[i] for i in runs["tta"].argmax(1)]
+    if record.abnormal_classes:
+        table["p_abnormal"] = abnormal_probability(runs["plain"], classes, record.abnormal_classes)
+        table["abnormal"] = called_abnormal(runs["plain"], classes, record.abnormal_classes, record.operating_point)
+        table["abnormal_rule"] = rule_text(record.operating_point)
     return table
 
 
-def evaluate_folder(model_path, test_dataset_path, output_dir=None, batch_size=16, tta=False, gradcam=3,
-                    bootstrap=2000, unlabelled=False):
-    """Predict every image of `test_dataset_path` and write the reports. A folder is walked as an unlabelled
-    tree when `unlabelled`, or when none of its sub-folders is a class of the model: each prediction keeps its
-    relative path, and folders.csv counts the predictions per folder. Returns a dict with the predictions
-    table, the model's classes, the metrics (labelled input), the folder counts (a tree), the skipped files,
-    the output folder and the HTML report."""
+def check_evaluation_options(batch_size, gradcam, bootstrap):
+    "Refuse evaluation options out of range before any work."
     check_positive(batch_size=batch_size)
     low, high = BOOTSTRAP_RANGE
     if not low <= bootstrap <= high:
         raise UserError(f"bootstrap is {bootstrap}; a 95% interval needs between {low} and {high} resamples "
-                               "(2000 is the default) — set --bootstrap in that range")
+                        "(2000 is the default) — set --bootstrap in that range")
     check_not_negative(gradcam=gradcam)
+
+
+def predict_all(learn, files, labels, test_dataset_path, batch_size, tta):
+    """({"plain": probabilities, "tta": probabilities with TTA}, files, labels, skipped descriptions): a file
+    that cannot be decoded is found (only then is each decoded on its own), skipped and named."""
+    skipped = []
+    try:
+        runs = {"plain": predict_files(learn, files, batch_size)}
+    except IMAGE_ERRORS:
+        files, labels, skipped = drop_unreadable(files, labels, test_dataset_path)
+        runs = {"plain": predict_files(learn, files, batch_size)}
+    if tta:
+        runs["tta"] = predict_files(learn, files, batch_size, tta=True)
+    return runs, files, labels, skipped
+
+
+def evaluate_folder(model_path, test_dataset_path, output_dir=None, batch_size=16, tta=False, gradcam=3,
+                    bootstrap=2000, unlabelled=False, allow_trained_images=False):
+    """Predict every image of `test_dataset_path` and write the reports. A folder is walked as an unlabelled
+    tree when `unlabelled`, or when none of its sub-folders is a class of the model: each prediction keeps its
+    relative path, and folders.csv counts the predictions per folder. A labelled folder is checked against the
+    images the model trained on (`papsmear.predict.check_trained_images`; `allow_trained_images` makes that a
+    warning). Returns a dict with the predictions table, the model's record and classes, the metrics (labelled
+    input), the folder counts (a tree), the skipped files, the checks' lines, the output folder and the report."""
+    check_evaluation_options(batch_size, gradcam, bootstrap)
     model_path = user_path(model_path)
     files, labels, left_out = list_inputs(test_dataset_path)
     leak_check = check_split_leaks(test_dataset_path)
@@ -399,74 +518,115 @@ def evaluate_folder(model_path, test_dataset_path, output_dir=None, batch_size=1
     test_folder = user_path(test_dataset_path)
     if test_folder.is_dir() and is_inside(output_dir, test_folder):
         raise UserError(f"output_dir {output_dir} is inside test_dataset_path {test_folder}: the reports "
-                               "would become test images — choose an output_dir outside it")
+                        "would become test images — choose an output_dir outside it")
     output_dir.mkdir(parents=True, exist_ok=True)  # before the slow part: an unusable folder fails at once
-    learn, classes = load_classifier(model_path, files, batch_size)
+    learn, record = load_classifier(model_path, files, batch_size)
+    classes = record.classes
     tree = is_unlabelled_tree(test_dataset_path, labels, classes, unlabelled=unlabelled)
+    tree_notes = []
     if tree:
-        files, left_out = list_tree(test_dataset_path), []
+        (files, tree_notes), left_out = list_tree(test_dataset_path), []
         labels = [None] * len(files)
     check_classes(labels, classes, test_dataset_path)
-    skipped = []
-    try:
-        runs = {"plain": predict_files(learn, files, batch_size)}
-    except IMAGE_ERRORS:
-        # Some file cannot be decoded: only now pay for decoding each one to find which, then go on without them.
-        files, labels, skipped = drop_unreadable(files, labels, test_dataset_path)
-        runs = {"plain": predict_files(learn, files, batch_size)}
-    if tta:
-        runs["tta"] = predict_files(learn, files, batch_size, tta=True)
-    table = predictions_table(files, labels, runs=runs, classes=classes)
+    model_check = (check_trained_images(record, files, test_dataset_path, allow=allow_trained_images)
+                   if labels[0] is not None else "model check: not run (no labels: nothing is scored)")
+    runs, files, labels, skipped = predict_all(learn, files, labels, test_dataset_path, batch_size, tta)
+    table = predictions_table(files, labels, runs=runs, record=record)
     folders = None
     if tree:
         relative = [Path(f).relative_to(test_folder) for f in files]
-        table.insert(1, "relative_path", [p.as_posix() for p in relative])
-        table.insert(2, "folder", [p.parent.as_posix() for p in relative])
+        table.insert(1, "relative_path", [spreadsheet_safe(p.as_posix()) for p in relative])
+        table.insert(2, "folder", [spreadsheet_safe(p.parent.as_posix()) for p in relative])
         folders = folder_counts(table, classes)
         with atomic_output(output_dir / "folders.csv") as tmp:
             folders.to_csv(tmp, index=False)
     with atomic_output(output_dir / "predictions.csv") as tmp:
         table.to_csv(tmp, index=False)
-    result = dict(table=table, classes=classes, skipped=skipped, left_out=left_out, output_dir=output_dir,
-                  metrics={}, leak_check=leak_check, folders=folders)
+    result = dict(table=table, classes=classes, record=record, skipped=skipped, left_out=left_out,
+                  output_dir=output_dir, metrics={}, leak_check=leak_check, model_check=model_check, folders=folders,
+                  tree_notes=tree_notes)
     truth = None if labels[0] is None else [classes.index(label) for label in labels]
     if truth is not None:
         for name, probabilities in runs.items():
             result["metrics"][name] = label_metrics(truth, probabilities.argmax(1), classes)
-        result["metrics"]["plain"].update(labelled_figures(truth, runs["plain"], classes=classes,
-                                                           output_dir=output_dir, n_resamples=bootstrap))
+        result["metrics"]["plain"].update(labelled_figures(truth, runs["plain"], record, output_dir=output_dir,
+                                                           n_resamples=bootstrap))
         plot_confusion(result["metrics"]["plain"]["confusion_matrix"], classes, png=output_dir / "confusion_matrix.png",
                        title=f"{Path(model_path).name} on {Path(test_dataset_path).name}: "
                        f"accuracy {result['metrics']['plain']['accuracy']:.4f}")
     summary = dict(model_path=str(model_path), test_dataset_path=str(test_dataset_path), classes=classes,
+                   abnormal_classes=record.abnormal_classes, abnormal_rule=rule_text(record.operating_point)
+                   if record.abnormal_classes else None, operating_point=record.operating_point,
                    n_images=len(files), skipped=skipped, left_out=list(map(str, left_out)), leak_check=leak_check,
-                   **{name: {k: v for k, v in m.items() if k != "report_text"}
-                      for name, m in result["metrics"].items()})
+                   model_check=model_check, **{name: {k: v for k, v in m.items() if k != "report_text"}
+                                               for name, m in result["metrics"].items()})
     with atomic_output(output_dir / "metrics.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
+    names = list(table["relative_path"]) if tree else None
+    summary["flagged"] = list(table["abnormal"]) if "abnormal" in table else None
     result["report"], result["gradcam_skipped"] = write_report(
         learn, files, truth=truth, probabilities=runs["plain"], classes=classes, summary=summary,
-        output_dir=output_dir, gradcam=gradcam, folders=folders)
+        output_dir=output_dir, gradcam=gradcam, folders=folders, names=names)
     return result
 
 
+def choose_on_folder(model_path, labelled_folder, target_sensitivity, abnormal=None, normal=None, batch_size=16):
+    """Choose a model's operating point on a labelled folder (class folders), reaching `target_sensitivity` there
+    (`papsmear.screening.choose_operating_point`), with the abnormal classes named (`abnormal` or `normal`), or
+    else those the model's record holds or its class set's known grouping; store it in every file of the model
+    that holds its record. Images the model trained on are refused (`check_trained_images`). Returns (record,
+    files written)."""
+    check_target_sensitivity(target_sensitivity)
+    check_positive(batch_size=batch_size)
+    files, labels, _ = list_inputs(labelled_folder)
+    learn, record = load_classifier(model_path, files, batch_size)
+    chosen = abnormal_classes(record.classes, abnormal, normal) if abnormal or normal else (
+        record.abnormal_classes or abnormal_classes(record.classes))
+    if not chosen:
+        raise UserError(f"the model's classes {record.classes} have no known grouping — name the abnormal ones with "
+                        "--abnormal-classes (or the normal ones with --normal-classes)")
+    if labels[0] is None or is_unlabelled_tree(labelled_folder, labels, record.classes):
+        raise UserError(f"{labelled_folder} holds no class folders of the model's classes — name a labelled folder "
+                        "(such as the val/ split of its dataset)")
+    check_classes(labels, record.classes, labelled_folder)
+    check_trained_images(record, files, labelled_folder)
+    runs, files, labels, _ = predict_all(learn, files, labels, labelled_folder, batch_size, tta=False)
+    truth = abnormal_mask(record.classes, chosen)[[record.classes.index(label) for label in labels]]
+    record.abnormal_classes = chosen
+    record.operating_point = choose_operating_point(truth, abnormal_probability(runs["plain"], record.classes, chosen),
+                                                    target_sensitivity, chosen_on=user_path(labelled_folder))
+    return record, store_model_record(model_path, record)
+
+
+def interval_text(figure):
+    "A figure with its interval, as the summary prints it."
+    if figure["value"] is None:
+        return "undefined"
+    return f"{figure['value']:.4f} (95% CI {figure['low']:.4f}–{figure['high']:.4f})"
+
+
 def print_report(result, classes):
-    "What a reader wants on screen: accuracy, the confusion matrix with class names, the report."
+    "What a reader wants on screen: accuracy, the screening figures, the confusion matrix with class names, the report."
     for name, metrics in result["metrics"].items():
         label = "test-time augmentation" if name == "tta" else "predictions"
         baseline = metrics["majority_baseline"]
         print(f"\n== {label}: accuracy {metrics['accuracy']:.4f}, balanced accuracy {metrics['balanced_accuracy']:.4f} "
               f"(majority-class baseline {baseline['accuracy']:.4f}: every image called {baseline['class']})")
         for key, figure in metrics.get("intervals", {}).items():
-            print(f"   {key.replace('_', ' ')} {figure['value']:.4f} (95% CI {figure['low']:.4f}–{figure['high']:.4f})")
+            print(f"   {key.replace('_', ' ')} {interval_text(figure)}")
         if "macro_auc" in metrics:
             auc = "undefined" if metrics["macro_auc"] is None else f"{metrics['macro_auc']:.4f}"
             print(f"   macro AUC {auc}, expected calibration error {metrics['ece']:.4f}")
-        if metrics.get("abnormal_vs_normal"):
-            screen = metrics["abnormal_vs_normal"]
-            print("   abnormal vs the rest: " + ", ".join(
-                f"{key} {'undefined' if screen[key] is None else format(screen[key], '.4f')}"
-                for key in ("sensitivity", "specificity")))
+        screen = metrics.get("abnormal_vs_normal")
+        if screen:
+            print(f"   abnormal ({', '.join(screen['abnormal_classes'])}) vs the rest, most probable class: "
+                  f"sensitivity {interval_text(screen['intervals']['sensitivity'])}, "
+                  f"specificity {interval_text(screen['intervals']['specificity'])}")
+            if "at_threshold" in screen:
+                point = screen["at_threshold"]
+                print(f"   at the operating point p(abnormal) ≥ {point['operating_point']['threshold']:.4f}: "
+                      f"sensitivity {interval_text(point['intervals']['sensitivity'])}, "
+                      f"specificity {interval_text(point['intervals']['specificity'])}")
         matrix = pd.DataFrame(metrics["confusion_matrix"], index=[f"true {c}" for c in classes], columns=classes)
         print(matrix.to_string())
         print(metrics["report_text"])

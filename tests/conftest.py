@@ -11,6 +11,7 @@ import synthetic_papsmear as demo
 from papsmear import augment as extension
 from papsmear import division, learner
 from papsmear.files import RUN_RECORD
+from papsmear.record import TrainingSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE_SIZE = 48
@@ -22,6 +23,11 @@ def tree_digest(folder):
     folder = Path(folder)
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != RUN_RECORD}
+
+
+def train(path_folder, **options):
+    "Train R50 on a formatted dataset with the options R50.py takes (as `papsmear.record.TrainingSettings`)."
+    return learner.train_r50(TrainingSettings(path_folder, **options))
 
 
 def run_in(cwd, script, *args):
@@ -70,6 +76,6 @@ def trained(formatted, tmp_path_factory):
     path, _ = extension.copy_dataset(formatted / "sipakmed", tmp_path_factory.mktemp("trained") / "sipakmed",
                                      progress=False)
     extension.extend_dataset(path, workers=2, progress=False)
-    result = learner.train_r50(path, save_loc="tiny", epochs=4, batch_size=16, lr=0.01, image_size=IMAGE_SIZE,
+    result = train(path, save_loc="tiny", epochs=4, batch_size=16, lr=0.01, image_size=IMAGE_SIZE,
                                pretrained=False, workers=0)
     return path, result

@@ -27,6 +27,7 @@ def cell_image(raw_data):
 
 
 def test_imgaug_imports_under_numpy_2_without_touching_np_bool():
+    extension.imgaug_augmenters()  # the one way in: the NumPy 2 table first, then imgaug
     import imgaug
     assert int(np.__version__.split(".")[0]) >= 2 and imgaug.__version__ == "0.4.0"
     assert np.bool is np.bool_  # NumPy's own type, not Python's bool (which breaks numpy.ma)

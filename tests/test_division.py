@@ -1,11 +1,14 @@
 """implementation_DatasetDivision.py: the original's split rule, both raw layouts, nothing lost, safe reruns."""
 import csv
+import hashlib
+import shutil
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from conftest import run_script, tree_digest
-from papsmear import division
+from papsmear import division, leaks
 from papsmear import files as papfiles
 from papsmear.files import UserError
 
@@ -14,12 +17,12 @@ REAL_SIPAKMED_CLUSTERS = {"Dyskeratotic": 271, "Koilocytotic": 238, "Metaplastic
 
 
 def placeholder_tree(root, counts, nested=True, suffix=".bmp"):
-    "A raw SIPaKMeD-like tree of empty placeholder images, with .dat files beside them."
+    "A raw SIPaKMeD-like tree of placeholder images (each with bytes of its own), with .dat files beside them."
     for name, n in counts.items():
         folder = root / f"im_{name}" / (f"im_{name}" if nested else "")
         folder.mkdir(parents=True)
         for i in range(1, n + 1):
-            (folder / f"{i:03d}{suffix}").write_bytes(b"")
+            (folder / f"{i:03d}{suffix}").write_bytes(f"{name} {i}".encode())
             (folder / f"{i:03d}_cyt01.dat").write_text("1,1\n")
     return root
 
@@ -36,7 +39,7 @@ def output_images(output_dir):
 
 def test_real_sipakmed_counts_give_the_originals_196_194_576(tmp_path):
     raw = placeholder_tree(tmp_path / "raw", REAL_SIPAKMED_CLUSTERS)
-    table, copied = division.divide_dataset(raw, tmp_path / "out", progress=False)
+    table, copied, _ = division.divide_dataset(raw, tmp_path / "out", progress=False)
     assert (table.loc["total", "test"], table.loc["total", "val"], table.loc["total", "train"]) == (196, 194, 576)
     assert copied == 966 and table.loc["total", "skipped"] == 966  # the .dat files
     assert table.loc["Dyskeratotic"].tolist() == [271, 162, 54, 55, 271]
@@ -61,19 +64,19 @@ def test_same_inputs_give_the_same_division(raw_data, tmp_path):
 
 def test_demo_sipakmed_layout_cluster_and_cropped(raw_data, tmp_path):
     source = tree_digest(raw_data / "sipakmed")
-    table, _ = division.divide_dataset(raw_data / "sipakmed", tmp_path / "clusters", progress=False)
+    table, _, _ = division.divide_dataset(raw_data / "sipakmed", tmp_path / "clusters", progress=False)
     assert table.loc["total", "found"] == 100 and table.loc["total"][["train", "val", "test"]].sum() == 100
     assert sorted(p.name for p in (tmp_path / "clusters" / "train").iterdir()) == sorted(division.class_folders(
         raw_data / "sipakmed"))
     assert not [f for f in output_images(tmp_path / "clusters") if not f.endswith(".bmp")]  # no .dat
     n_cropped = len(list(raw_data.glob("sipakmed/im_*/im_*/CROPPED/*.bmp")))
-    table, _ = division.divide_dataset(raw_data / "sipakmed", tmp_path / "cells", cropped=True, progress=False)
+    table, _, _ = division.divide_dataset(raw_data / "sipakmed", tmp_path / "cells", cropped=True, progress=False)
     assert table.loc["total", "found"] == n_cropped == len(output_images(tmp_path / "cells"))
     assert tree_digest(raw_data / "sipakmed") == source  # copying left the download as it was
 
 
 def test_herlev_masks_are_never_samples_and_upper_case_extensions_are(raw_data, tmp_path):
-    table, _ = division.divide_dataset(raw_data / "herlev", tmp_path / "out", progress=False)
+    table, _, _ = division.divide_dataset(raw_data / "herlev", tmp_path / "out", progress=False)
     images = output_images(tmp_path / "out")
     assert len(images) == 70 and all(f.endswith(".BMP") for f in images)
     assert table.loc["total", "skipped"] == 70  # the -d.bmp masks
@@ -84,7 +87,7 @@ def test_images_directly_in_class_folders_and_other_extensions(tmp_path):
     raw = placeholder_tree(tmp_path / "raw", {"A": 5, "B": 6}, nested=False, suffix=".JPG")
     (raw / "im_A" / "notes.txt").write_text("not an image")
     (raw / "im_B" / "x.Png").write_bytes(b"")
-    table, _ = division.divide_dataset(raw, tmp_path / "out", progress=False)
+    table, _, _ = division.divide_dataset(raw, tmp_path / "out", progress=False)
     assert table.loc["A"].tolist() == [5, 3, 1, 1, 6] and table.loc["B"].tolist() == [7, 3, 2, 2, 6]
 
 
@@ -93,7 +96,7 @@ def test_move_takes_the_files_out_and_loses_none(tmp_path):
     division.divide_dataset(raw, tmp_path / "out", move=True, progress=False)
     assert not list(raw.rglob("*.bmp")) and len(list(raw.rglob("*.dat"))) == 14
     assert len(output_images(tmp_path / "out")) == 14 == len(split_rows(tmp_path / "out"))
-    _, moved = division.divide_dataset(raw, tmp_path / "out", move=True, progress=False)
+    _, moved, _ = division.divide_dataset(raw, tmp_path / "out", move=True, progress=False)
     assert moved == 0  # a rerun after a move is a no-op too
 
 
@@ -134,7 +137,7 @@ def test_an_interrupted_run_is_completed_by_the_next(raw_data, tmp_path, monkeyp
         division.divide_dataset(raw_data / "sipakmed", tmp_path / "out", progress=False)
     assert len(output_images(tmp_path / "out")) == 29 + 1  # 29 images and one .partial
     monkeypatch.setattr(division, "transfer", real_transfer)
-    _, copied = division.divide_dataset(raw_data / "sipakmed", tmp_path / "out", progress=False)
+    _, copied, _ = division.divide_dataset(raw_data / "sipakmed", tmp_path / "out", progress=False)
     assert copied == 71
     assert not list((tmp_path / "out").rglob("*.partial"))
     division.divide_dataset(raw_data / "sipakmed", tmp_path / "ref", progress=False)
@@ -208,3 +211,89 @@ def test_help_explains_every_option():
         assert flag in result.stdout
     with pytest.raises(UserError):
         division.check_sizes(0.6, 0.3, 0.2)
+
+
+def images_with_copies(root, copies, conflict=False):
+    """A raw class-folder dataset of small distinct PNGs: 3 classes of 12, plus in HSIL `copies` byte-identical
+    copies under other names (as a real set held 8825.png and 8832.png); with `conflict`, also one HSIL image
+    copied into LSIL. Returns the pairs (original, copy) as relative paths."""
+    pairs = []
+    for k, name in enumerate(("HSIL", "LSIL", "NILM")):
+        (root / name).mkdir(parents=True)
+        for i in range(12):
+            Image.new("RGB", (8, 8), (k * 80, i * 20, 7)).save(root / name / f"{8800 + i}.png")
+    for i in range(copies):
+        shutil.copy(root / "HSIL" / f"{8800 + i}.png", root / "HSIL" / f"{8900 + i}.png")
+        pairs.append((f"HSIL/{8800 + i}.png", f"HSIL/{8900 + i}.png"))
+    if conflict:
+        shutil.copy(root / "HSIL" / "8811.png", root / "LSIL" / "8999.png")
+    return pairs
+
+
+def test_identical_images_are_never_divided_apart_whatever_the_seed(tmp_path):
+    pairs = images_with_copies(tmp_path / "raw", copies=3)
+    # The expectation, found independently: which files of the raw folder hold the same bytes.
+    digests = {p.relative_to(tmp_path / "raw").as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+               for p in (tmp_path / "raw").rglob("*.png")}
+    assert all(digests[a] == digests[b] for a, b in pairs) and len(set(digests.values())) == len(digests) - 3
+    for seed in range(25):
+        _, _, duplicates = division.divide_dataset(tmp_path / "raw", tmp_path / f"out{seed}", random_state=seed,
+                                                   progress=False)
+        rows = {row["file"]: row for row in split_rows(tmp_path / f"out{seed}")}
+        assert duplicates["groups"] == 3 and duplicates["images"] == 6
+        for a, b in pairs:
+            assert rows[a]["split"] == rows[b]["split"] and rows[a]["group"] == rows[b]["group"] != ""
+        assert sum(row["group"] != "" for row in rows.values()) == 6
+    result = run_script("implementation_DatasetDivision.py", "--path-dir", tmp_path / "raw", "--output-dir",
+                        tmp_path / "cli")
+    assert result.returncode == 0 and "identical images: 3 group(s) of byte-identical images (6 images), each " \
+                                      "group kept in one split" in result.stdout
+
+
+def test_the_same_image_in_two_classes_is_refused_or_skipped_or_kept_in_one_split(tmp_path):
+    images_with_copies(tmp_path / "raw", copies=0, conflict=True)
+    refused = run_script("implementation_DatasetDivision.py", "--path-dir", tmp_path / "raw", "--output-dir",
+                         tmp_path / "refused")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "HSIL/8811.png (class HSIL) and LSIL/8999.png (class LSIL)" in refused.stderr
+    assert "--conflicts skip" in refused.stderr and not (tmp_path / "refused" / "train").exists()
+    skipped = run_script("implementation_DatasetDivision.py", "--path-dir", tmp_path / "raw", "--output-dir",
+                         tmp_path / "skipped", "--conflicts", "skip")
+    assert skipped.returncode == 0 and "left out (--conflicts skip)" in skipped.stdout
+    files = {row["file"] for row in split_rows(tmp_path / "skipped")}
+    assert "HSIL/8811.png" not in files and "LSIL/8999.png" not in files and len(files) == 35
+    for seed in range(10):
+        _, _, duplicates = division.divide_dataset(tmp_path / "raw", tmp_path / f"kept{seed}", random_state=seed,
+                                                   conflicts="keep", progress=False)
+        rows = {row["file"]: row["split"] for row in split_rows(tmp_path / f"kept{seed}")}
+        assert rows["HSIL/8811.png"] == rows["LSIL/8999.png"] and len(rows) == 37
+        assert len(duplicates["conflicts"]) == 1
+        assert papfiles.read_split_csv(tmp_path / f"kept{seed}") is not None
+    with pytest.raises(UserError, match="conflicts 'both' is unknown"):
+        division.divide_dataset(tmp_path / "raw", tmp_path / "x", conflicts="both", progress=False)
+
+
+def test_the_leak_message_names_the_fix_for_each_cause(tmp_path):
+    images_with_copies(tmp_path / "raw", copies=1)
+    division.divide_dataset(tmp_path / "raw", tmp_path / "out", progress=False)
+    rows = {row["file"]: row for row in split_rows(tmp_path / "out")}
+    # What an earlier version could leave: the two copies of the raw data in different splits, both in split.csv.
+    first, second = rows["HSIL/8800.png"], rows["HSIL/8900.png"]
+    moved_to = next(s for s in division.SPLITS if s != first["split"])
+    (tmp_path / "out" / second["split"] / "HSIL" / "8900.png").rename(tmp_path / "out" / moved_to / "HSIL" / "8900.png")
+    table = (tmp_path / "out" / "split.csv").read_text().replace(f"HSIL/8900.png,HSIL,{second['split']}",
+                                                                f"HSIL/8900.png,HSIL,{moved_to}")
+    (tmp_path / "out" / "split.csv").write_text(table)
+    with pytest.raises(UserError, match="duplicates in the raw data.*--force into this folder.*remove one of each "
+                                        "group from the raw data"):
+        leaks.check_leaks(tmp_path / "out", progress=False)
+    fixed = run_script("implementation_DatasetDivision.py", "--path-dir", tmp_path / "raw", "--output-dir",
+                       tmp_path / "out", "--force")
+    assert fixed.returncode == 0 and leaks.check_leaks(tmp_path / "out", progress=False).startswith("leak check: "
+                                                                                                      "passed")
+    # A copy put there by hand, under a name the division never wrote.
+    test_image = next((tmp_path / "out" / "test" / "NILM").iterdir())
+    shutil.copy(test_image, tmp_path / "out" / "train" / "NILM" / "mine.png")
+    with pytest.raises(UserError, match=r"1 of them are not in split.csv, copies made by hand: remove them "
+                                        r"\(train/NILM/mine.png\)"):
+        leaks.check_leaks(tmp_path / "out", progress=False)

@@ -15,6 +15,7 @@ from PIL import Image
 import synthetic_papsmear as demo
 from conftest import ROOT, last_line, run_in
 from papsmear import data, division
+from papsmear.files import read_split_csv
 from test_distributed import launch
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -72,7 +73,7 @@ def test_user_files_named_like_temporary_files_survive_every_cleanup(formatted, 
     forced = run_in(tmp_path, "implementation_DatasetDivision.py", *division_args, "--random-state", 3, "--force")
     assert forced.returncode == 2 and "not copies of path_dir's images" in last_line(forced.stderr)
     assert theirs.read_bytes() == b"the user's own file"
-    assert division.read_split_csv(tmp_path / "divided")  # the division is still there
+    assert read_split_csv(tmp_path / "divided")  # the division is still there
 
 
 def png_header_only(path, width, height):

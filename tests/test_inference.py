@@ -101,7 +101,7 @@ def test_class_names_must_match_the_model(trained, formatted, tmp_path):
 @pytest.mark.parametrize("case, message", [
     ("missing_model", "does not exist — train with R50.py"),
     ("broken_model", "cannot load"),
-    ("no_class_list", "no class list"),
+    ("no_class_list", "no model record"),
     ("empty_folder", "no images in"),
 ])
 def test_bad_input_is_one_line_with_exit_code_2(trained, formatted, tmp_path, capsys, case, message):

@@ -16,7 +16,8 @@ from sklearn.metrics import accuracy_score, roc_auc_score
 from torch import nn
 
 from conftest import IMAGE_SIZE, run_script
-from papsmear import data, leaks
+from papsmear import data
+from papsmear import files as papfiles
 from papsmear import report as reporting
 
 CLASSES = ["Dyskeratotic", "Koilocytotic", "Metaplastic", "Parabasal", "Superficial-Intermediate"]
@@ -86,10 +87,13 @@ def test_abnormal_vs_normal_counts_dyskeratotic_and_koilocytotic_as_abnormal(rep
     screen = metrics["plain"]["abnormal_vs_normal"]
     actual = table["true_class"].isin(["Dyskeratotic", "Koilocytotic"])
     called = table["predicted_class"].isin(["Dyskeratotic", "Koilocytotic"])
+    assert screen["abnormal_classes"] == ["Dyskeratotic", "Koilocytotic"]
     assert screen["true_positive"] == (actual & called).sum() and screen["false_negative"] == (actual & ~called).sum()
     assert screen["sensitivity"] == pytest.approx((actual & called).sum() / actual.sum())
     assert screen["specificity"] == pytest.approx((~actual & ~called).sum() / (~actual).sum())
-    assert reporting.abnormal_vs_normal([0, 1], np.eye(2), ["a", "b"]) is None  # not SIPaKMeD: no grouping
+    assert list(table["abnormal"]) == list(called) and set(table["abnormal_rule"]) == {"the most probable class is "
+                                                                                      "abnormal"}
+    assert reporting.abnormal_vs_normal([0, 1], np.eye(2), ["a", "b"], abnormal=None) is None  # no grouping
 
 
 def test_gradcam_maps_have_the_input_size_and_answer_the_class_asked(trained, formatted):
@@ -111,14 +115,14 @@ def test_report_is_one_self_contained_page(reported):
     parts.feed(html)
     images = [attrs["src"] for tag, attrs in parts.tags if tag == "img"]
     gallery = sorted((out / "gradcam").iterdir())
-    assert len(images) == 2 + len(gallery) and gallery  # ROC, calibration, one per overlay
+    assert len(images) == 3 + len(gallery) and gallery  # ROC, screening ROC, calibration, one per overlay
     for src in images:
-        assert src.startswith("data:image/png;base64,")
+        assert src.startswith(("data:image/png;base64,", "data:image/jpeg;base64,"))
         Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
     links = [value for _, attrs in parts.tags for key, value in attrs.items() if key in ("src", "href")]
     assert all(link.startswith("data:") for link in links)
     assert not [tag for tag, _ in parts.tags if tag in ("script", "link", "iframe")]
-    for needle in (leaks.file_sha256(metrics["model_path"]), ", ".join(CLASSES), "Grad-CAM",
+    for needle in (papfiles.file_sha256(metrics["model_path"]), ", ".join(CLASSES), "Grad-CAM",
                    f"{100 * metrics['plain']['accuracy']:.1f}%", "abnormal against the rest", "row-normalised"):
         assert needle in html
     misclassified = (table["true_class"] != table["predicted_class"]).sum()

@@ -1,4 +1,5 @@
 """R50.py, TTLR50.py and R50Herlev.py: training that learns, head swaps that train, weights that load."""
+import hashlib
 import json
 import shutil
 from urllib.error import URLError
@@ -9,7 +10,7 @@ import torch
 from fastai.learner import load_learner
 
 import TTLR50
-from conftest import IMAGE_SIZE, run_script
+from conftest import IMAGE_SIZE, run_script, train
 from papsmear import data, learner
 from papsmear import files as papfiles
 
@@ -27,9 +28,16 @@ def test_r50_writes_weights_classes_export_log_and_curves(trained):
     path, result = trained
     models = path / "models"
     assert result["weights"] == models / "tiny.pth" and result["export"] == models / "tiny.pkl"
-    assert json.loads((models / "tiny.json").read_text()) == {
+    record = json.loads((models / "tiny.json").read_text())
+    assert {k: record[k] for k in ("classes", "image_size", "arch", "recipe", "abnormal_classes")} == {
         "classes": ["Dyskeratotic", "Koilocytotic", "Metaplastic", "Parabasal", "Superficial-Intermediate"],
-        "image_size": IMAGE_SIZE, "arch": "resnet50", "recipe": "original"}
+        "image_size": IMAGE_SIZE, "arch": "resnet50", "recipe": "original",
+        "abnormal_classes": ["Dyskeratotic", "Koilocytotic"]}
+    assert {k: record["training"][k] for k in ("epochs", "batch_size", "lr", "save_loc", "seed")} == dict(
+        epochs=4, batch_size=16, lr=0.01, save_loc="tiny", seed=42)
+    # Every training image's bytes, an Extended DA output counting as its source: the sources of train/.
+    sources = [f for f in (path / "train").rglob("*.bmp") if "_aug" not in f.stem]
+    assert record["trained_on"] == sorted({hashlib.sha256(f.read_bytes()).hexdigest() for f in sources})
     log = pd.read_csv(models / "tiny_log.csv")
     assert list(log.columns[:8]) == ["epoch", "train_loss", "valid_loss", "accuracy", "balanced_accuracy", "macro_f1",
                                      "f2_weighted", "f1_weighted"]
@@ -207,7 +215,7 @@ def test_training_is_deterministic_by_seed(formatted, tmp_path):
     states = []
     for run in ("a", "b"):
         path = shutil.copytree(formatted / "herlev", tmp_path / run)
-        learner.train_r50(path, onnx=False, save_loc="seeded", epochs=1, batch_size=8, image_size=32,
+        train(path, onnx=False, save_loc="seeded", epochs=1, batch_size=8, image_size=32,
                           pretrained=False, workers=0)
         states.append(torch.load(path / "models" / "seeded.pth", weights_only=True))
     assert states[0].keys() == states[1].keys()

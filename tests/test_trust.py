@@ -11,14 +11,15 @@ import threading
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import ROOT, run_in, tree_digest
+from conftest import ROOT, run_in, train, tree_digest
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import accuracy as accuracy_benchmark  # noqa: E402
-from papsmear import data, division, leaks, learner, presize
+from papsmear import data, division, leaks, presize
 from papsmear import files as papfiles
 from papsmear import report as reporting
 
@@ -162,7 +163,7 @@ def test_a_rerun_from_its_own_weights_keeps_them_unless_an_epoch_beats_them(trai
     weights = path / "models" / "tiny.pth"
     before = weights.read_bytes()
     # lr 10 wrecks the model in one epoch: no epoch can beat the weights it started from.
-    result = learner.train_r50(path, onnx=False, save_loc="tiny", model_path=weights, epochs=1, batch_size=16, lr=10.0,
+    result = train(path, onnx=False, save_loc="tiny", model_path=weights, epochs=1, batch_size=16, lr=10.0,
                            image_size=48, pretrained=False, workers=0)
     assert weights.read_bytes() == before
     assert result["scores"].loc["validation", "accuracy"] == pytest.approx(
@@ -220,3 +221,53 @@ def test_an_error_of_the_scripts_exits_3_with_its_traceback(script, module, func
     last = result.stderr.rstrip().splitlines()[-1]
     assert last.startswith("internal error: ZeroDivisionError: a fault planted by the test")
     assert "please report it" in result.stderr
+
+
+def test_a_model_refuses_to_be_scored_on_images_it_trained_on_wherever_they_lie(trained, formatted, tmp_path):
+    path, _ = trained
+    record = json.loads((path / "models" / "tiny.json").read_text())
+    # A labelled folder elsewhere (not a split of the model's dataset): two training images hidden among test ones.
+    elsewhere = shutil.copytree(formatted / "sipakmed" / "test", tmp_path / "new cells")
+    hidden = [p for p in sorted((path / "train" / "Parabasal").glob("*.bmp")) if "_aug" not in p.stem][:2]
+    for k, image in enumerate(hidden):
+        shutil.copy(image, elsewhere / "Parabasal" / f"unsuspicious {k}.bmp")
+    assert {hashlib.sha256(p.read_bytes()).hexdigest() for p in hidden} <= set(record["trained_on"])
+    refused = run_in(tmp_path, "Inference_FastAI.py", "--model-path", path / "models" / "tiny.pth",
+                     "--test-dataset-path", "new cells", "--output-dir", "report", "--gradcam", 0)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "model check: 2 of the 22 test images are images the model trained on" in refused.stderr
+    assert "Parabasal/unsuspicious 0.bmp" in refused.stderr and not (tmp_path / "report" / "metrics.json").exists()
+    warned = run_in(tmp_path, "Inference_FastAI.py", "--model-path", path / "models" / "tiny.pth",
+                    "--test-dataset-path", "new cells", "--output-dir", "report", "--gradcam", 0, "--bootstrap", 100,
+                    "--allow-trained-images")
+    assert warned.returncode == 0, warned.stderr[-2000:]
+    line = json.loads((tmp_path / "report" / "metrics.json").read_text())["model_check"]
+    assert line.startswith("model check: warning: 2 of the 22 test images") and line in warned.stdout
+    assert line in (tmp_path / "report" / "report.html").read_text()
+    clean = run_in(tmp_path, "Inference_FastAI.py", "--model-path", path / "models" / "tiny.pth",
+                   "--test-dataset-path", formatted / "sipakmed" / "test", "--output-dir", "clean", "--gradcam", 0,
+                   "--bootstrap", 100)
+    assert "model check: passed (none of the 20 test images is among the 60 images the model trained on" in \
+        clean.stdout
+
+
+def test_trees_with_links_out_empty_files_and_classes_missing_from_val(trained, formatted, tmp_path):
+    tree = tmp_path / "scanner"
+    shutil.copytree(formatted / "sipakmed" / "test" / "Parabasal", tree / "slide 1")
+    (tree / "slide 1" / "empty.png").write_bytes(b"")
+    (tree / "slide 1" / "notes.txt").write_text("not an image")
+    (tree / "slide 1" / "elsewhere").symlink_to(formatted / "sipakmed" / "train")  # a link out of the tree
+    result = run_in(tmp_path, "Inference_FastAI.py", "--model-path", trained[0] / "models" / "tiny.pth",
+                    "--test-dataset-path", tree, "--output-dir", "out", "--gradcam", 0)
+    assert result.returncode == 1 and "skipped unreadable image" in result.stdout and "empty.png" in result.stdout
+    assert "leads out of" in result.stdout and "elsewhere" in result.stdout
+    predicted = pd.read_csv(tmp_path / "out" / "predictions.csv")
+    assert sorted(predicted["relative_path"]) == sorted(f"slide 1/{p.name}" for p in (tree / "slide 1").glob("*.bmp"))
+    # A class with one training image and none in val trains all the same.
+    data = shutil.copytree(formatted / "herlev", tmp_path / "herlev")
+    for image in sorted((data / "train" / "normal_columnar").iterdir())[1:]:
+        image.unlink()
+    shutil.rmtree(data / "val" / "normal_columnar")
+    trained_anyway = run_in(tmp_path, "R50.py", "--path-folder", "herlev", "--epochs", 1, "--image-size", 32,
+                            "--no-pretrained", "--no-onnx")
+    assert trained_anyway.returncode == 0, trained_anyway.stderr[-2000:]

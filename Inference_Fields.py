@@ -58,7 +58,6 @@ def main(model_path: Path = model_path,              # trained model: .pth with 
                   f"flagged when {result['cells']['abnormal_rule'].iloc[0] if len(result['cells']) else 'n/a'}")
         print(f"\n{len(result['cells'])} cells in {int((result['fields']['level'] == 'field').sum())} field(s), "
               f"{len(result['skipped'])} skipped; a typical nucleus {result['nucleus_diameter']:.1f} pixels; "
-              f"reports in {result['output_dir']}")
-        print(f"report: {result['report']}")
+              f"reports in {result['output_dir']}\nreport: {result['report']}")
         if result["skipped"]:
             raise SystemExit(1)

@@ -89,3 +89,5 @@ def main(path_folder: Path = path_folder,        # formatted dataset: train/ val
                 print(f"{key:>8}: {result[key]}")
         print(f"Next: evaluate with Inference_FastAI.py --model-path {result['export']} "
               f"--test-dataset-path {Path(path_folder) / 'test'}")
+        if int8 and not result["int8"]:
+            raise SystemExit(1)  # trained and exported as float; the INT8 file was refused (said above)

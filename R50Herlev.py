@@ -89,3 +89,5 @@ def main(previous_model_DA: Path = previous_model_DA,          # R50.py's .pth t
         print(f"Final model: {final['weights']} and {final['export']}")
         print(f"Next: Inference_FastAI.py --model-path {final['export']} "
               f"--test-dataset-path {Path(sipakmed_path) / 'test'}")
+        if int8 and not all(result["int8"] for result in results.values()):
+            raise SystemExit(1)  # trained and exported as float; an INT8 file was refused (said above)

@@ -18,7 +18,6 @@ from pathlib import Path
 from fastcore.script import call_parse
 
 from papsmear.files import UserError, check_positive, one_line_usage_errors, user_errors
-from papsmear.nuclei import check_diameter
 
 # --- edit these -----------------------------------------------------------------------------------
 model_path = Path("data/sipakmed_formatted/models/resnet50_ttl_sipakmed.pth")  # .pth (+ .json), .pkl or .onnx
@@ -77,9 +76,11 @@ def main(model_path: Path = model_path,            # trained model: .pth with it
          nucleus_diameter: float = nucleus_diameter):  # fields: a typical nucleus, pixels (SIPaKMeD's: 40)
     "Serve the web page for a trained Pap-smear classifier on this computer."
     with user_errors():
+        from papsmear.nuclei import check_diameter  # scipy: after --help, which answers without it
+
         check_positive(max_file_mb=max_file_mb, max_request_mb=max_request_mb, max_files=max_files,
                        max_pixels=max_pixels, keep_uploads=keep_uploads, keep_minutes=keep_minutes)
-        check_diameter(nucleus_diameter)
+        check_diameter(nucleus_diameter, options="--nucleus-diameter (pixels)")
         if token is not None and not re.fullmatch(r"[A-Za-z0-9._~-]{8,200}", token):
             raise UserError("token must be 8 to 200 letters, digits or . _ ~ - (it travels in addresses and "
                             "cookies) — choose another, or leave it out for a new one")

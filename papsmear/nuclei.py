@@ -46,13 +46,15 @@ class Nuclei:
     scale: float
 
 
-def check_diameter(nucleus_diameter, field_size=None):
-    "Refuse a typical nucleus diameter that cannot be right: 0, negative, absurdly large, or larger than the field."
+def check_diameter(nucleus_diameter, field_size=None, options="--nucleus-diameter (pixels) or --pixel-size-um "
+                   "(micrometres per pixel)"):
+    """Refuse a typical nucleus diameter that cannot be right: 0, negative, absurdly large, or larger than the field;
+    the message names the `options` that set it."""
     low, high = DIAMETER_RANGE
     if not low <= nucleus_diameter <= high or (field_size and nucleus_diameter > min(field_size) / 2):
         raise UserError(f"a typical nucleus of {nucleus_diameter:g} pixels cannot be right for these fields (it must "
-                        f"lie between {low:g} and {high:g} pixels, and fit the field twice) — set --nucleus-diameter "
-                        "(pixels) or --pixel-size-um (micrometres per pixel) to the images' scale")
+                        f"lie between {low:g} and {high:g} pixels, and fit the field twice) — set {options} to the "
+                        "images' scale")
     return float(nucleus_diameter)
 
 

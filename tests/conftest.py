@@ -25,6 +25,19 @@ def tree_digest(folder):
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != RUN_RECORD}
 
 
+def placeholder_tree(root, counts, nested=True, suffix=".bmp", boundaries=True):
+    """A raw SIPaKMeD-like tree of placeholder images (each with bytes of its own), `counts` images per class, with
+    a .dat boundary file beside each when `boundaries`."""
+    for name, n in counts.items():
+        folder = root / f"im_{name}" / (f"im_{name}" if nested else "")
+        folder.mkdir(parents=True)
+        for i in range(1, n + 1):
+            (folder / f"{i:03d}{suffix}").write_bytes(f"{name} {i}".encode())
+            if boundaries:
+                (folder / f"{i:03d}_cyt01.dat").write_text("1,1\n")
+    return root
+
+
 def train(path_folder, **options):
     "Train R50 on a formatted dataset with the options R50.py takes (as `papsmear.record.TrainingSettings`)."
     return learner.train_r50(TrainingSettings(path_folder, **options))

@@ -7,24 +7,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import run_script, tree_digest
+from conftest import placeholder_tree, run_script, tree_digest
 from papsmear import division, leaks
 from papsmear import files as papfiles
 from papsmear.files import UserError
 
 REAL_SIPAKMED_CLUSTERS = {"Dyskeratotic": 271, "Koilocytotic": 238, "Metaplastic": 223, "Parabasal": 108,
                           "Superficial-Intermediate": 126}
-
-
-def placeholder_tree(root, counts, nested=True, suffix=".bmp"):
-    "A raw SIPaKMeD-like tree of placeholder images (each with bytes of its own), with .dat files beside them."
-    for name, n in counts.items():
-        folder = root / f"im_{name}" / (f"im_{name}" if nested else "")
-        folder.mkdir(parents=True)
-        for i in range(1, n + 1):
-            (folder / f"{i:03d}{suffix}").write_bytes(f"{name} {i}".encode())
-            (folder / f"{i:03d}_cyt01.dat").write_text("1,1\n")
-    return root
 
 
 def split_rows(output_dir):

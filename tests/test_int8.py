@@ -1,6 +1,8 @@
 """INT8 exports: checked against the float export on validation images, refused (and no file left) when the
 calibration cannot stand for the images, read back with their settings, and used like any .onnx."""
+import functools
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -8,8 +10,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import run_script
-from papsmear import export
+from conftest import run_script, train
+from papsmear import export, learner
 from papsmear.files import UserError, sample_images
 from papsmear.onnx_model import OnnxClassifier
 
@@ -34,7 +36,8 @@ def test_the_int8_export_agrees_with_the_float_one_and_says_how_it_was_made(quan
     stored = {p.key: p.value for p in onnx.load(str(int8_path)).metadata_props}
     settings = json.loads(stored["quantization"])
     assert settings == dict(format="QDQ", per_channel=True, activations="uint8", weights="int8",
-                            calibration=export.CALIBRATION_METHOD, calibration_images=60)  # the training sources
+                            calibration=export.CALIBRATION_METHOD, percentile=export.CALIBRATION_PERCENTILE,
+                            calibration_images=60)  # the training sources
     record = json.loads(stored["record"])
     assert record["quantization"] == settings and record["classes"] == OnnxClassifier(float_path).classes
     assert int8_path.stat().st_size < float_path.stat().st_size / 3  # weights as int8: about a quarter
@@ -64,3 +67,17 @@ def test_inference_takes_the_int8_file_like_any_onnx(quantized, trained, formatt
     metrics = [json.loads((tmp_path / m.name / "metrics.json").read_text()) for m in (float_path, int8_path)]
     assert metrics[0]["classes"] == metrics[1]["classes"]
     assert np.mean(tables[0]["predicted_class"] == tables[1]["predicted_class"]) >= 0.95
+
+
+def test_a_training_run_whose_int8_export_fails_its_check_still_ends_with_its_float_model(formatted, tmp_path,
+                                                                                         monkeypatch, capsys):
+    path = shutil.copytree(formatted / "herlev", tmp_path / "herlev")
+    strict = functools.partial(export.quantize_export, min_agreement=1.01)  # no INT8 model can pass
+    monkeypatch.setattr(learner, "quantize_export", strict)
+    result = train(path, save_loc="strict", epochs=1, batch_size=8, image_size=32, pretrained=False, workers=0,
+                   int8=True)
+    printed = capsys.readouterr().out
+    assert result["int8"] is None and "INT8 export not written: the INT8 export of strict.onnx agrees" in printed
+    files = sorted(p.name for p in (path / "models").iterdir())
+    assert files == ["strict.done.json", "strict.json", "strict.onnx", "strict.pkl", "strict.pth", "strict_curves.png",
+                     "strict_log.csv"]

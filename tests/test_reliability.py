@@ -17,7 +17,7 @@ from PIL import Image
 
 import synthetic_papsmear as demo
 import TTLR50
-from conftest import IMAGE_SIZE, run_in, train, tree_digest
+from conftest import IMAGE_SIZE, placeholder_tree, run_in, train, tree_digest
 from papsmear import augment as extension
 from papsmear import data, division, learner
 from papsmear import files as papfiles
@@ -56,16 +56,6 @@ def read_only(folder):
         if immutable:
             subprocess.run(["chattr", "-i", str(folder)], check=True)
         folder.chmod(0o755)
-
-
-def placeholder_raw(root, counts, nested=True):
-    "A raw SIPaKMeD-like tree of small distinct placeholder files."
-    for name, n in counts.items():
-        folder = root / f"im_{name}" / (f"im_{name}" if nested else "")
-        folder.mkdir(parents=True)
-        for i in range(1, n + 1):
-            (folder / f"{i:03d}.bmp").write_bytes(f"{name}-{i}".encode())
-    return root
 
 
 def split_contents(output_dir):
@@ -107,7 +97,7 @@ def test_the_whole_procedure_runs_with_relative_paths_from_the_users_folder(tmp_
 # --- nothing lost --------------------------------------------------------------------------------------------
 
 def test_move_then_force_ends_with_every_original_image_once(tmp_path):
-    raw = placeholder_raw(tmp_path / "raw", {"A": 6, "B": 5})
+    raw = placeholder_tree(tmp_path / "raw", {"A": 6, "B": 5}, boundaries=False)
     originals = sorted(p.read_bytes() for p in raw.rglob("*.bmp"))
     division.divide_dataset(raw, tmp_path / "out", move=True, progress=False)
     assert not list(raw.rglob("*.bmp"))
@@ -124,11 +114,11 @@ def test_move_then_force_ends_with_every_original_image_once(tmp_path):
 
 def test_force_never_deletes_the_raw_dataset_or_files_found_nowhere_else(tmp_path, capsys):
     out = tmp_path / "out"
-    raw = placeholder_raw(out / "train", {"A": 4})  # the raw images were unzipped into output_dir/train
+    raw = placeholder_tree(out / "train", {"A": 4}, boundaries=False)  # raw images unzipped into output_dir/train
     before = tree_digest(out)
     err = one_line_error(capsys, division.divide_dataset, path_dir=raw, output_dir=out, force=True)
     assert "lies inside" in err and tree_digest(out) == before
-    other = placeholder_raw(tmp_path / "raw", {"A": 4})
+    other = placeholder_tree(tmp_path / "raw", {"A": 4}, boundaries=False)
     (out / "val" / "A").mkdir(parents=True)
     (out / "val" / "A" / "only-copy.bmp").write_bytes(b"precious")
     err = one_line_error(capsys, division.divide_dataset, path_dir=other, output_dir=out, force=True)
@@ -137,7 +127,7 @@ def test_force_never_deletes_the_raw_dataset_or_files_found_nowhere_else(tmp_pat
 
 
 def test_move_of_relative_links_moves_the_images_and_keeps_their_targets(tmp_path):
-    store = placeholder_raw(tmp_path / "store", {"A": 4})
+    store = placeholder_tree(tmp_path / "store", {"A": 4}, boundaries=False)
     raw = tmp_path / "raw" / "im_A"
     raw.mkdir(parents=True)
     for image in sorted(store.rglob("*.bmp")):
@@ -338,12 +328,12 @@ def test_export_path_in_a_new_folder_is_created(formatted, tmp_path):
 # --- wrong answers without an error ------------------------------------------------------------------------
 
 def test_output_inside_the_raw_dataset_is_refused_however_it_is_spelled(tmp_path, capsys, monkeypatch):
-    raw = placeholder_raw(tmp_path / "raw", {"A": 4})
+    raw = placeholder_tree(tmp_path / "raw", {"A": 4}, boundaries=False)
     (tmp_path / "link").symlink_to(raw)
     for output_dir in (tmp_path / "elsewhere" / ".." / "raw" / "out", tmp_path / "link" / "out"):
         err = one_line_error(capsys, division.divide_dataset, path_dir=raw, output_dir=output_dir)
         assert "is inside path_dir" in err
-    assert tree_digest(raw) == tree_digest(placeholder_raw(tmp_path / "again", {"A": 4}))
+    assert tree_digest(raw) == tree_digest(placeholder_tree(tmp_path / "again", {"A": 4}, boundaries=False))
     monkeypatch.chdir(raw)
     table, copied, _ = division.divide_dataset(".", "../out", progress=False)
     assert copied == 4 and (tmp_path / "out" / "split.csv").exists()
@@ -360,7 +350,7 @@ def test_an_empty_class_folder_does_not_count_as_a_class(formatted, tmp_path, ca
 
 
 def test_images_are_never_left_out_silently(raw_data, trained, formatted, tmp_path, capsys):
-    raw = placeholder_raw(tmp_path / "raw", {"Parabasal": 4})
+    raw = placeholder_tree(tmp_path / "raw", {"Parabasal": 4}, boundaries=False)
     shutil.copytree(raw / "im_Parabasal" / "im_Parabasal", raw / "Parabasal")
     err = one_line_error(capsys, division.divide_dataset, path_dir=raw, output_dir=tmp_path / "out")
     assert "Parabasal and im_Parabasal" in err and "both class Parabasal" in err

@@ -175,3 +175,27 @@ def test_a_sixty_character_class_name_is_wrapped_inside_the_overlay_and_the_matr
     reporting.plot_confusion([[3, 1, 0], [0, 2, 2], [1, 0, 5]], [LONG, "Low grade", "High grade"],
                              tmp_path / "matrix.png", title=f"a model on {LONG}")
     assert (tmp_path / "matrix.png").stat().st_size > 0
+
+
+def test_a_long_class_name_wraps_inside_its_card_in_a_browser(operated, renamed, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+    from test_webapp import CHROMIUM, start_server
+
+    weights, _ = operated
+    server, port = start_server(weights, tmp_path)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM)
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.set_input_files("#pick-files", sample_images(renamed / "test" / LONG)[:1])
+            expect(page.locator(".card")).to_have_count(1, timeout=60_000)
+            page.locator(".card select").select_option(LONG)
+            overflowing = page.eval_on_selector_all(
+                ".card .predicted, .card li, .card .name, #rule", "nodes => nodes.filter(n => n.scrollWidth > "
+                "n.clientWidth).map(n => n.textContent)")
+            assert overflowing == [] and LONG in page.inner_text(".card")
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -1,6 +1,7 @@
 """Start-up and the command line: --help and refused options load no heavy library, usage errors are one line,
 and progress bars write lines, not carriage returns, when the output is a file or a log."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -59,13 +60,15 @@ def test_usage_errors_are_one_line_with_exit_code_2(script, args, message):
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and result.stderr.startswith(message)
 
 
-def test_progress_bars_in_a_log_are_lines_at_every_tenth(raw_data, tmp_path):
-    log = tmp_path / "division.log"
-    with log.open("w") as out:
-        result = subprocess.run([sys.executable, str(ROOT / "implementation_DatasetDivision.py"), "--path-dir",
-                                 raw_data / "sipakmed", "--output-dir", tmp_path / "divided"], stdout=out,
-                                stderr=subprocess.STDOUT)
+def test_progress_bars_in_a_log_are_lines_at_every_tenth(formatted, tmp_path):
+    log = tmp_path / "training.log"
+    path = shutil.copytree(formatted / "herlev", tmp_path / "herlev")
+    with log.open("w") as out:  # a file, as a CI log or `> training.log` is: not a terminal
+        result = subprocess.run([sys.executable, str(ROOT / "R50.py"), "--path-folder", str(path), "--epochs", "2",
+                                 "--batch-size", "4", "--image-size", "32", "--no-pretrained", "--no-onnx"],
+                                stdout=out, stderr=subprocess.STDOUT)
     assert result.returncode == 0
-    text = log.read_text()
-    bars = [line for line in text.splitlines() if line.startswith("copy:")]
-    assert "\r" not in text and 2 <= len(bars) <= 12 and bars[-1].startswith("copy: 100%")
+    text = log.read_bytes().decode()  # as written: reading it as text would turn carriage returns into newlines
+    training = [line for line in text.splitlines() if line.startswith("Epoch 1/2 :")]
+    assert "\r" not in text and 2 <= len(training) <= 2 * 11  # training and validation, a line per tenth at most
+    assert any(line.startswith("cache 32px:") and "100%" in line for line in text.splitlines())

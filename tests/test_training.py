@@ -204,7 +204,7 @@ def test_help_lists_every_variable():
 def test_lr_find_saves_its_plot_and_leaves_lr_as_set(formatted, tmp_path):
     path = shutil.copytree(formatted / "herlev", tmp_path / "herlev")
     result = run_script("R50.py", "--no-onnx", "--path-folder", path, "--epochs", 1, "--image-size", 32, "--lr", 0.005,
-                        "--no-pretrained", "--lr-find", "--save-loc", "found")
+                        "--batch-size", 4, "--no-pretrained", "--lr-find", "--save-loc", "found")  # lr_find: 100 steps
     assert result.returncode == 0, result.stderr
     assert "lr_find suggests lr = " in result.stdout and "training with lr = 0.005" in result.stdout
     assert (path / "models" / "found_lr_find.png").read_bytes()[:4] == b"\x89PNG"

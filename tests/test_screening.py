@@ -78,17 +78,29 @@ def test_the_operating_point_is_chosen_on_val_and_stored_with_the_model(operated
     assert json.loads(stored["record"])["operating_point"] == point
 
 
-def test_evaluation_reports_sensitivity_and_specificity_at_the_threshold(operated, renamed, tmp_path):
-    weights, _ = operated
-    point = json.loads(weights.with_suffix(".json").read_text())["operating_point"]
+@pytest.fixture(scope="module")
+def halfway(trained, formatted, tmp_path_factory):
+    """A copy of the demo model (whose answers vary) with an operating point that flags half the abnormal test
+    cells, chosen on the test split: flags by the threshold then differ from flags by the most probable class."""
+    weights = tmp_path_factory.mktemp("halfway") / "tiny.pth"
+    for suffix in (".pth", ".json", ".onnx"):
+        shutil.copy(trained[0] / "models" / f"tiny{suffix}", weights.with_suffix(suffix))
+    record, _ = reporting.choose_on_folder(weights, formatted / "sipakmed" / "test", 0.5, batch_size=16)
+    return weights, record
+
+
+def test_evaluation_reports_sensitivity_and_specificity_at_the_threshold(halfway, formatted, tmp_path):
+    weights, record = halfway
+    point, abnormal, test = record.operating_point, record.abnormal_classes, formatted / "sipakmed" / "test"
     for model in (weights, weights.with_suffix(".onnx")):
         out = tmp_path / model.suffix
-        result = run_script("Inference_FastAI.py", "--model-path", model, "--test-dataset-path", renamed / "test",
+        result = run_script("Inference_FastAI.py", "--model-path", model, "--test-dataset-path", test,
                             "--output-dir", out, "--bootstrap", 200, "--gradcam", 1)
         assert result.returncode == 0, result.stderr[-3000:]
         table = pd.read_csv(out / "predictions.csv")
-        actual = table["true_class"] != LONG
+        actual = table["true_class"].isin(abnormal)
         flagged = table["p_abnormal"] >= point["threshold"]
+        assert (flagged != table["predicted_class"].isin(abnormal)).any()  # the threshold, not argmax, decides
         assert list(table["abnormal"]) == list(flagged) and table["abnormal_rule"].iloc[0].startswith("p(abnormal) ≥")
         at = json.loads((out / "metrics.json").read_text())["plain"]["abnormal_vs_normal"]["at_threshold"]
         assert at["sensitivity"] == pytest.approx((flagged & actual).sum() / actual.sum())
@@ -99,19 +111,21 @@ def test_evaluation_reports_sensitivity_and_specificity_at_the_threshold(operate
         assert (out / "screening_roc.png").is_file()
 
 
-def test_the_page_flags_by_the_stored_threshold_and_wraps_long_names(operated, renamed, tmp_path):
-    weights, _ = operated
-    point = json.loads(weights.with_suffix(".json").read_text())["operating_point"]
+def test_the_page_flags_by_the_stored_threshold_and_wraps_long_names(halfway, operated, formatted, tmp_path):
+    weights, record = halfway
+    point = record.operating_point
     client = TestClient(webapp.create_app(weights, tmp_path / "c"), base_url="http://127.0.0.1:8000",
                         headers={webapp.PAGE_HEADER: "page"})
-    images = sample_images(renamed / "test")
+    images = sample_images(formatted / "sipakmed" / "test")
     results = client.post("/predict", files=[("files", (p.name, p.read_bytes(), "image/bmp")) for p in images]).json()
-    for result in results["results"]:
-        assert result["abnormal"] == (result["p_abnormal"] >= point["threshold"])
-    page = client.get("/").text
-    assert f"flagged when p(abnormal) ≥ {point['threshold']:.4f}" in page and LONG in page
+    flags = [result["abnormal"] for result in results["results"]]
+    assert flags == [result["p_abnormal"] >= point["threshold"] for result in results["results"]]
+    assert flags != [result["predicted"] in record.abnormal_classes for result in results["results"]]
+    assert f"flagged when p(abnormal) ≥ {point['threshold']:.4f}" in client.get("/").text
     rows = client.post("/batch.csv", json=dict(ids=[r["id"] for r in results["results"]])).text.splitlines()
     assert rows[0].endswith("p_abnormal,abnormal,abnormal_rule") and "p(abnormal) ≥" in rows[1]
+    renamed_page = TestClient(webapp.create_app(operated[0], tmp_path / "d"), base_url="http://127.0.0.1:8000")
+    assert LONG in renamed_page.get("/").text
 
 
 def test_bad_screening_options_are_one_line_errors(operated, renamed, tmp_path):
